@@ -1,0 +1,385 @@
+"""3D Slicer module: improve a pretrained CT segmentation model on the case at hand by inference-specific
+learning, and watch the result improve live.
+
+This file only wires the panel to the logic; the work is done in the GUI-free InferenceSpecificSegLib
+package and, in a separate process, by the `isseg` engine (so torch is never loaded into Slicer).
+"""
+
+import os
+import shutil
+import time
+from typing import Annotated
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Decimals, SingleStep, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from InferenceSpecificSegLib import dependencies, models
+from InferenceSpecificSegLib.logic import RefinementLogic, RunState
+from InferenceSpecificSegLib.settings import AlignmentMode, Device, Loss, RunSettings
+from InferenceSpecificSegLib.worker import WorkerError, queryDevices, workerEnvironment
+
+
+class InferenceSpecificSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("Inference-Specific Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["InferenceSpecificSeg contributors"]
+        self.parent.helpText = _("""
+Segments organs in a CT volume with a pretrained network and then improves the result for this one case
+by <i>inference-specific learning</i>: the model's training cases are deformably aligned to the CT, the
+network is fine-tuned on them, and the moving average of its predictions is shown live in the slice views.
+<ol>
+<li>Select the CT volume and a model (the built-in demo or an installed model package).</li>
+<li>Press <b>Start</b>. On the first run, missing Python packages (PyTorch, MONAI, ...) are offered for installation.</li>
+<li>Watch the segmentation update; press <b>Cancel</b> at any time to keep the last result (marked partial).</li>
+<li>Press <b>Edit in Segment Editor</b> to correct the result.</li>
+</ol>
+A segmentation you edit during a run is never overwritten: later results go to a new segmentation.
+See the <a href="https://github.com/InferenceSpecificSeg/InferenceSpecificSeg/blob/main/docs/slicer.md">user guide</a>.
+""")
+        self.parent.acknowledgementText = _("""
+Method: Y. Chen, S. Liu, M. Li, B. Han, L. Xing. Inference-specific learning for improved medical image
+segmentation. Medical Physics, 2025. doi:10.1002/mp.17883.<br>
+Optional loss: Y. Chen, L. Yu, J.-Y. Wang, et al., L. Xing. Adaptive region-specific loss for improved medical image
+segmentation. IEEE Transactions on Pattern Analysis and Machine Intelligence 45(11), 2023. doi:10.1109/TPAMI.2023.3289667.<br>
+Built on 3D Slicer, PyTorch and MONAI.
+""")
+
+
+DEFAULT_SETTINGS = RunSettings()
+
+
+@parameterNodeWrapper
+class InferenceSpecificSegParameterNode:
+    """inputVolume: the CT to segment. model: "demo" or the folder of an installed model package.
+    device, iterations (fine-tuning steps), alignment, movingAverage (m in P = m P + (1 - m) P_t), loss:
+    the run's options. outputSegmentation: the result of the latest run."""
+
+    inputVolume: slicer.vtkMRMLScalarVolumeNode
+    model: str = models.DEMO_MODEL
+    device: Device = DEFAULT_SETTINGS.device
+    iterations: Annotated[int, WithinRange(1, 5000)] = DEFAULT_SETTINGS.steps
+    alignment: AlignmentMode = DEFAULT_SETTINGS.alignment
+    movingAverage: Annotated[float, WithinRange(0.0, 0.99), Decimals(2), SingleStep(0.05)] = DEFAULT_SETTINGS.movingAverage
+    loss: Loss = DEFAULT_SETTINGS.loss
+    outputSegmentation: slicer.vtkMRMLSegmentationNode
+
+
+class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_INTERVAL_MS = 300
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._deviceInfo = None  # asked from the worker once, on the first Start
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/InferenceSpecificSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = InferenceSpecificSegLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        addModelMenu = qt.QMenu(self.ui.addModelButton)
+        addModelMenu.addAction(_("Model package folder...")).triggered.connect(self.onAddModelFolder)
+        addModelMenu.addAction(_("Model package .zip file...")).triggered.connect(self.onAddModelZip)
+        self.ui.addModelButton.setMenu(addModelMenu)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
+        self.ui.startButton.connect("clicked(bool)", self.onStartButton)
+        self.ui.editButton.connect("clicked(bool)", self.onEditButton)
+
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.onPollTimer)
+
+        self.refreshModelList()
+        self.initializeParameterNode()
+        self.showStatus()
+
+    def cleanup(self) -> None:
+        self.pollTimer.stop()
+        self.logic.stopNow()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        # The run's nodes are about to go away: end the worker instead of leaving it running.
+        self.pollTimer.stop()
+        self.logic.stopNow()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if firstVolumeNode:
+                self._parameterNode.inputVolume = firstVolumeNode
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.onParameterNodeModified()
+
+    def onParameterNodeModified(self, caller=None, event=None) -> None:
+        """The model list and device line are not bound by the wrapper: follow the parameter node here."""
+        index = self.ui.modelComboBox.findData(self._parameterNode.model)
+        if index < 0:  # the package was removed from disk since the scene was saved
+            self._parameterNode.model = models.DEMO_MODEL
+            return
+        if index != self.ui.modelComboBox.currentIndex:
+            self.ui.modelComboBox.currentIndex = index
+        if self._deviceInfo is not None:
+            self.ui.deviceInfoLabel.text = self._deviceInfo.describe(self._parameterNode.device.value)
+        self.showStatus()
+
+    def refreshModelList(self) -> None:
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for entry in models.availableModels(self.logic.modelsDirectory):
+            self.ui.modelComboBox.addItem(entry.title, entry.location)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+        if self._parameterNode:
+            self.onParameterNodeModified()
+
+    def onModelSelected(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemData(index)
+
+    def onAddModelFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Select a model package folder"))
+        if folder:
+            self.installModel(folder)
+
+    def onAddModelZip(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Select a model package .zip file"), "",
+                                              _("Model package (*.zip)"))
+        if path:
+            self.installModel(path)
+
+    def installModel(self, source: str) -> None:
+        try:
+            with slicer.util.WaitCursor():
+                entry = models.installModelPackage(source, self.logic.modelsDirectory)
+        except models.ModelPackageError as error:
+            slicer.util.errorDisplay(str(error), windowTitle=_("Not a usable model package"))
+            return
+        self.refreshModelList()
+        self._parameterNode.model = entry.location
+        self.ui.statusLabel.text = _("Installed the model '{title}'.").format(title=entry.title)
+
+    def onStartButton(self) -> None:
+        if self.logic.status.active:
+            self.logic.cancel()
+            self.showStatus()
+            return
+        if not self.ensureDependencies():
+            return
+        parameters = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Could not start the run."), waitCursor=True):
+            self.showDevice()
+            settings = RunSettings(parameters.iterations, parameters.device, parameters.alignment,
+                                   parameters.movingAverage, parameters.loss)
+            self.logic.start(parameters.inputVolume, parameters.model, settings)
+            slicer.util.setSliceViewerLayers(background=parameters.inputVolume, fit=True)
+            self.pollTimer.start()
+        self.showStatus()
+
+    def onPollTimer(self) -> None:
+        status = self.logic.poll()
+        # The run goes on while another module is shown: record its result even then.
+        parameterNode = self.logic.getParameterNode()
+        if status.segmentationNode is not None and parameterNode.outputSegmentation is not status.segmentationNode:
+            parameterNode.outputSegmentation = status.segmentationNode
+        self.showStatus()
+        if not status.active:
+            self.pollTimer.stop()
+            if status.state == RunState.FAILED:
+                slicer.util.errorDisplay(status.errorMessage, windowTitle=_("The run failed"))
+
+    def showStatus(self) -> None:
+        """Start/Cancel button, progress bar, status line and the enabled state of the inputs."""
+        status = self.logic.status
+        running = status.active
+        hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
+        self.ui.startButton.text = _("Cancel") if running else _("Start")
+        self.ui.startButton.toolTip = (_("Stop the run; the last result is kept") if running
+                                       else _("Segment the selected CT and refine the result for it"))
+        self.ui.startButton.enabled = status.state != RunState.CANCELLING and (running or hasInput)
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.advancedCollapsibleButton.enabled = not running
+        self.ui.progressBar.visible = running
+        self.ui.progressBar.value = status.progress.percent
+        self.ui.progressBar.format = status.progress.describe()
+        if running and status.segmentationNode is not None:
+            self.ui.statusLabel.text = _("Live result: {count} updates shown in '{node}'.").format(
+                count=status.resultsLoaded, node=status.segmentationNode.GetName())
+        elif status.message:
+            self.ui.statusLabel.text = status.message
+        self.ui.editButton.enabled = not running and bool(self._parameterNode and self._parameterNode.outputSegmentation)
+
+    def showDevice(self) -> None:
+        """Ask the worker once which device it can use and show it; a worker that cannot tell is no reason
+        not to try the run (which reports its own errors)."""
+        if self._deviceInfo is None:
+            try:
+                self._deviceInfo = self.logic.queryDevices()
+            except WorkerError as error:
+                self.ui.deviceInfoLabel.text = _("Device unknown: {error}").format(error=error)
+                return
+        self.ui.deviceInfoLabel.text = self._deviceInfo.describe(self._parameterNode.device.value)
+
+    def ensureDependencies(self) -> bool:
+        """Offer to install missing Python packages; True when all are there afterwards."""
+        missing = dependencies.missingPackages()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The run needs these Python packages, which are not installed: {packages}.\n\n"
+                  "Install them now? This downloads up to a few gigabytes (PyTorch) and can take several minutes.").format(
+                    packages=", ".join(missing)), windowTitle=_("Install Python packages")):
+            return False
+        with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed. Check the network connection, "
+                                               "restart Slicer and try again."), waitCursor=True):
+            if dependencies.TORCH in missing:
+                self.installTorch()
+            requirements = dependencies.pipRequirements(missing)
+            if requirements:
+                slicer.util.pip_install(requirements)
+        stillMissing = dependencies.missingPackages()
+        if stillMissing:
+            slicer.util.errorDisplay(_("These packages are still missing: {packages}. Restart Slicer and press Start "
+                                       "again.").format(packages=", ".join(stillMissing)))
+        return not stillMissing
+
+    def installTorch(self) -> None:
+        """Install PyTorch with the PyTorch extension, which picks the build for the GPU driver (its
+        installTorch also imports torch here once; runs themselves never load torch into Slicer)."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            slicer.util.pip_install("torch" + dependencies.TORCH_VERSION_REQUIREMENT)
+            return
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=True, torchVersionRequirement=dependencies.TORCH_VERSION_REQUIREMENT)
+        if torch is None:
+            raise RuntimeError(_("PyTorch was not installed."))
+
+    def onEditButton(self) -> None:
+        segmentationNode, volumeNode = self._parameterNode.outputSegmentation, self._parameterNode.inputVolume
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentationNode)
+        editor.setSourceVolumeNode(volumeNode)
+
+
+def pythonSlicerExecutable() -> str:
+    """PythonSlicer, Slicer's Python as a command-line program (on PATH inside Slicer; see slicer.util.executePythonModule)."""
+    return shutil.which("PythonSlicer") or "PythonSlicer"
+
+
+class InferenceSpecificSegLogic(ScriptedLoadableModuleLogic, RefinementLogic):
+    """The module's parameter node plus RefinementLogic on Slicer's scene, with PythonSlicer as the
+    worker's interpreter, run folders in Slicer's temporary folder and model packages in the user's
+    settings folder."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        RefinementLogic.__init__(self, slicer.mrmlScene, pythonSlicerExecutable(), workDirectory=slicer.app.temporaryPath)
+        self.modelsDirectory = models.installedModelsDirectory(os.path.dirname(slicer.app.slicerUserSettingsFilePath))
+
+    def getParameterNode(self):
+        return InferenceSpecificSegParameterNode(super().getParameterNode())
+
+    def queryDevices(self):
+        """DeviceInfo from the worker (starts torch in a separate process; takes a few seconds)."""
+        return queryDevices(self.pythonExecutable, workerEnvironment(self.moduleDirectory))
+
+
+def addSyntheticAbdomenVolume(name: str = "ISL test CT"):
+    """Add a small CT-like volume in HU to the scene: air, an elliptic body of fat and muscle, and
+    organ-like blobs (liver, spleen, kidneys, aorta, spine), 4 mm voxels. Returns the volume node."""
+    rng = np.random.default_rng(0)
+    k, j, i = np.mgrid[0:40, 0:64, 0:64].astype(np.float32)
+    voxels = np.full(k.shape, -1000.0, np.float32)
+
+    def ellipsoid(center, radii):
+        return sum(((axis - c) / r) ** 2 for axis, c, r in zip((i, j, k), center, radii)) <= 1
+
+    voxels[ellipsoid((32, 32, 20), (29, 21, 60))] = -90.0  # body: subcutaneous fat
+    voxels[ellipsoid((32, 32, 20), (26, 18, 60))] = 50.0  # muscle and soft tissue
+    organs = [((21, 28, 20), (10, 9, 10), 110.0), ((45, 27, 22), (5, 6, 6), 120.0), ((23, 40, 18), (3, 5, 5), 155.0),
+              ((41, 40, 18), (3, 5, 5), 155.0), ((32, 36, 20), (2, 2, 60), 160.0), ((32, 45, 20), (4, 3, 60), 450.0)]
+    for center, radii, hounsfield in organs:
+        voxels[ellipsoid(center, radii)] = hounsfield
+    voxels += rng.normal(0.0, 12.0, voxels.shape)
+    volumeNode = slicer.util.addVolumeFromArray(voxels.astype(np.int16), name=name)
+    volumeNode.SetSpacing(4.0, 4.0, 4.0)
+    return volumeNode
+
+
+class InferenceSpecificSegTest(ScriptedLoadableModuleTest):
+    """Runs the built-in demo model on a synthetic CT and follows the live result."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_LiveRefinementWithDemoModel()
+
+    def test_LiveRefinementWithDemoModel(self):
+        missing = dependencies.missingPackages()
+        if missing:
+            self.skipTest(f"Python packages not installed: {', '.join(missing)} (press Start in the module once)")
+        self.delayDisplay("Starting a run of the demo model on a synthetic CT")
+        logic = InferenceSpecificSegLogic()
+        logic.start(addSyntheticAbdomenVolume(), models.DEMO_MODEL, RunSettings(steps=20, device=Device.CPU))
+        deadline = time.monotonic() + 900
+        while logic.poll().active:
+            self.assertLess(time.monotonic(), deadline, "The run took more than 15 minutes")
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        status = logic.status
+        self.assertEqual(status.state, RunState.DONE, status.message)
+        self.assertGreaterEqual(status.resultsLoaded, 2, "The segmentation should have been updated at least twice")
+        segmentation = status.segmentationNode.GetSegmentation()
+        self.assertIs(status.segmentationNode.GetScene(), slicer.mrmlScene)
+        names = [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
+        self.assertEqual(names, [segment.name for segment in logic.segments])
+        self.assertTrue(names)
+        self.delayDisplay("Test passed")

@@ -1,0 +1,191 @@
+"""One refinement run seen from the scene: start the worker on a volume, turn its events into progress
+and segmentation updates (`poll`, called from a timer in the GUI thread), cancel it.
+
+Imports the MRML classes of `slicer`, vtk, numpy and the GUI-free library; never Qt or torch.
+"""
+
+import enum
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .i18n import tr as _
+from .protocol import EXIT_CANCELLED, SEGMENTS_FILE, ProtocolError, RunProgress, readSegmentsFile
+from .segmentation import LiveSegmentation, writeVolumeForWorker
+from .settings import RunSettings
+from .worker import WorkerProcess, workerCommand, workerEnvironment
+
+MODULE_DIRECTORY = Path(__file__).resolve().parent.parent  # holds the isseg package
+
+
+class RunState(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+@dataclass
+class RunStatus:
+    """What the panel shows: the state, a one-line message, the progress of the current stage, the result
+    node (None until the first snapshot) and how many results have been loaded into the scene."""
+
+    state: RunState = RunState.IDLE
+    message: str = ""
+    progress: RunProgress = field(default_factory=RunProgress)
+    segmentationNode: object = None
+    resultsLoaded: int = 0
+    errorMessage: Optional[str] = None
+
+    @property
+    def active(self) -> bool:
+        return self.state in (RunState.RUNNING, RunState.CANCELLING)
+
+
+class RefinementLogic:
+    """Runs one refinement at a time in `scene`.
+
+    `pythonExecutable` runs the worker (PythonSlicer in Slicer), `moduleDirectory` is the folder that holds
+    the `isseg` package (put first on the worker's PYTHONPATH), `workDirectory` the parent of the private
+    run folders, `cancelTimeoutSeconds` how long a cancelled worker may take to exit before its process
+    tree is killed.
+    """
+
+    def __init__(self, scene, pythonExecutable: str, moduleDirectory=MODULE_DIRECTORY, workDirectory=None,
+                 cancelTimeoutSeconds: float = 20.0):
+        self.scene = scene
+        self.pythonExecutable = pythonExecutable
+        self.moduleDirectory = Path(moduleDirectory)
+        self.workDirectory = workDirectory
+        self.cancelTimeoutSeconds = cancelTimeoutSeconds
+        self.status = RunStatus()
+        self.runDirectory: Optional[Path] = None
+        self.segments: list = []  # protocol.SegmentDescription of the current run, from segments.json
+        self._worker: Optional[WorkerProcess] = None
+        self._live: Optional[LiveSegmentation] = None
+        self._outcomeEvent: Optional[dict] = None  # the worker's done, cancelled or error event
+        self._finalResultLoaded = False
+
+    @property
+    def workerProcessId(self) -> Optional[int]:
+        """Process id of the running worker (the leader of its process group), None when idle."""
+        return self._worker.pid if self._worker is not None else None
+
+    def start(self, volumeNode, model: str, settings: RunSettings) -> RunStatus:
+        """Write `volumeNode` to a new private run folder and start the worker on it with `model` ("demo" or
+        a package folder) and `settings`. Returns at once; call `poll` to follow the run. Raises
+        RuntimeError (with a user-facing message) when a run is going or the worker cannot start."""
+        if self.status.active:
+            raise RuntimeError(_("A run is already going. Wait for it or cancel it first."))
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            raise RuntimeError(_("Select a CT volume that has image data."))
+        self.runDirectory = Path(tempfile.mkdtemp(prefix="InferenceSpecificSeg-", dir=self.workDirectory))
+        inputPath, outputDirectory = self.runDirectory / "input.nrrd", self.runDirectory / "output"
+        outputDirectory.mkdir()
+        writeVolumeForWorker(volumeNode, inputPath)
+        arguments = ["refine", "--input", inputPath, "--model", model, "--output", outputDirectory,
+                     *settings.commandLineArguments()]
+        self._worker = WorkerProcess(workerCommand(self.pythonExecutable, arguments), outputDirectory,
+                                     self.runDirectory / "worker.log", workerEnvironment(self.moduleDirectory))
+        logging.info("InferenceSpecificSeg run started in %s (worker %d)", self.runDirectory, self._worker.pid)
+        self._live = LiveSegmentation(self.scene, volumeNode, _("{volume} ISL").format(volume=volumeNode.GetName()))
+        self.segments = []
+        self._outcomeEvent = None
+        self._finalResultLoaded = False
+        self.status = RunStatus(RunState.RUNNING, RunProgress().describe())
+        return self.status
+
+    def poll(self) -> RunStatus:
+        """Take the worker's new events, load the newest result into the segmentation node, enforce the
+        cancel timeout and, once the worker has exited, settle the outcome. Never blocks on the worker."""
+        if self._worker is None:
+            return self.status
+        newestResult, newestIsFinal = None, False
+        for event in self._worker.takeEvents():
+            kind = event["event"]
+            self.status.progress.apply(event)
+            if kind == "snapshot" and "path" in event:
+                newestResult, newestIsFinal = event["path"], False  # only the newest of a batch is worth loading
+            elif kind in ("done", "cancelled") and "labelmap" in event:
+                newestResult, newestIsFinal = event["labelmap"], True
+                self._outcomeEvent = event
+            elif kind == "error":
+                self._outcomeEvent = event
+        if newestResult is not None:
+            loaded = self._loadResult(Path(newestResult))
+            self._finalResultLoaded = newestIsFinal and loaded
+        if self.status.state == RunState.RUNNING:
+            self.status.message = self.status.progress.describe()
+        if self._worker.cancelOverdue(self.cancelTimeoutSeconds):
+            logging.warning("InferenceSpecificSeg worker did not stop within %g s; killing it", self.cancelTimeoutSeconds)
+            self._worker.kill()
+        if self._worker.finished:
+            self._settle()
+        return self.status
+
+    def cancel(self) -> None:
+        """Ask the running worker to stop; it publishes its partial result first. `poll` kills its process
+        tree if it has not exited within the cancel timeout."""
+        if self.status.active:
+            self._worker.requestCancel()
+            self.status.state = RunState.CANCELLING
+            self.status.message = _("Cancelling: waiting for the worker to save its partial result...")
+
+    def stopNow(self) -> None:
+        """End a running worker and its process tree at once (the scene is closing or Slicer is exiting)."""
+        if self.status.active:
+            self.status.state = RunState.CANCELLING
+            self._worker.kill()
+            self.poll()
+
+    def _loadResult(self, labelmapPath: Path) -> bool:
+        """Show the labelmap file in the run's segmentation node; False (and a log entry) when it cannot be read."""
+        try:
+            if not self.segments:
+                self.segments = readSegmentsFile(self._worker.outputDirectory / SEGMENTS_FILE)
+            self._live.update(labelmapPath, self.segments)
+        except (ProtocolError, RuntimeError) as error:
+            # A later snapshot may load; a final result that does not load makes the run fail in _settle.
+            logging.warning("InferenceSpecificSeg could not load %s: %s", labelmapPath, error)
+            return False
+        self.status.segmentationNode = self._live.node
+        self.status.resultsLoaded += 1
+        return True
+
+    def _settle(self) -> None:
+        """Turn the exited worker's last event and exit code into the final state and message."""
+        worker, event = self._worker, self._outcomeEvent or {}
+        self._worker = None
+        kind, returnCode = event.get("event"), worker.returnCode
+        node = self.status.segmentationNode
+        if kind == "done" and self._finalResultLoaded:
+            self.status.state = RunState.DONE
+            self.status.message = _("Done: {count} segments in '{node}'.").format(count=len(self.segments), node=node.GetName())
+            shutil.rmtree(self.runDirectory, ignore_errors=True)
+        elif kind == "cancelled" or (kind is None and (returnCode == EXIT_CANCELLED or self.status.state == RunState.CANCELLING)):
+            self.status.state = RunState.CANCELLED
+            self.status.message = _("Cancelled.")
+        else:
+            self.status.state = RunState.FAILED
+            self.status.errorMessage = self._failureMessage(event, worker)
+            self.status.message = _("Failed: {error}").format(error=self.status.errorMessage)
+        if self.status.state != RunState.DONE and node is not None:
+            self._live.rename(_("{volume} ISL (partial)").format(volume=self._live.volumeNode.GetName()))
+            self.status.message += " " + _("The last result is kept in '{node}'.").format(node=self._live.node.GetName())
+        if self._live.editedNodes:
+            self.status.message += " " + _("Your edits in {nodes} were kept; newer results went to a new node.").format(
+                nodes=", ".join(f"'{edited.GetName()}'" for edited in self._live.editedNodes))
+        logging.info("InferenceSpecificSeg run ended: %s (worker exit code %s)", self.status.state.value, returnCode)
+
+    def _failureMessage(self, event: dict, worker: WorkerProcess) -> str:
+        if event.get("event") == "error":
+            return str(event.get("message") or event.get("kind") or _("unknown error"))
+        if event.get("event") == "done":
+            return _("the worker finished but its result could not be loaded. See the log: {log}").format(log=worker.logPath)
+        return _("the worker stopped unexpectedly (exit code {code}). Last lines of its log ({log}):\n{tail}").format(
+            code=worker.returnCode, log=worker.logPath, tail=worker.logTail())

@@ -1,0 +1,161 @@
+"""The model list of the panel: the built-in demo model and the packages the user installed.
+
+A model package is a folder (or a .zip of one) with model.json, safetensors weights and an atlas
+(see DESIGN.md, "Model package"). Checks here only read model.json and look for the files it names,
+without torch, so that the panel can refuse a wrong folder at once; the worker validates fully
+(checksums, weights against the network) when it loads the package.
+"""
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+from .i18n import tr as _
+
+DEMO_MODEL = "demo"
+MODEL_FILE = "model.json"
+DEFAULT_WEIGHTS_FILE = "model.safetensors"
+DEFAULT_ATLAS_MANIFEST = "atlas/manifest.json"
+REQUIRED_ENTRIES = ("name", "network", "input", "patch_size", "labels")
+
+
+class ModelPackageError(Exception):
+    """A folder or .zip is not a usable model package; the message says what is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One item of the model list: `location` is what the worker's --model gets ("demo" or a package
+    folder), `title` what the list shows."""
+
+    location: str
+    title: str
+
+
+def demoModel() -> ModelEntry:
+    return ModelEntry(DEMO_MODEL, _("Demo (built-in, synthetic abdomen: liver, spleen, kidneys, aorta, gallbladder)"))
+
+
+def installedModelsDirectory(settingsDirectory: Union[str, Path]) -> Path:
+    """Where installed packages live: <Slicer settings folder>/InferenceSpecificSeg/models."""
+    return Path(settingsDirectory) / "InferenceSpecificSeg" / "models"
+
+
+def describePackage(folder: Union[str, Path]) -> ModelEntry:
+    """Check that `folder` holds a model package (model.json with the required entries and labels, the
+    weights file and the atlas files it names) and return its list entry. Raises ModelPackageError."""
+    folder = Path(folder)
+    configPath = folder / MODEL_FILE
+    if not configPath.is_file():
+        raise ModelPackageError(_("'{folder}' is not a model package: it has no {file}. Pick the package folder itself "
+                                  "(the one that contains {file}) or its .zip file.").format(folder=folder, file=MODEL_FILE))
+    try:
+        config = json.loads(configPath.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ModelPackageError(_("{file} is not readable JSON ({error}). The package is damaged: copy it again.").format(
+            file=configPath, error=error)) from None
+    if not isinstance(config, dict):
+        raise ModelPackageError(_("{file} does not hold a JSON object. The package is damaged: copy it again.").format(file=configPath))
+    missing = [entry for entry in REQUIRED_ENTRIES if entry not in config]
+    if missing:
+        raise ModelPackageError(_("{file} lacks the entries {entries}. Rebuild the package with `isseg train`.").format(
+            file=configPath, entries=", ".join(missing)))
+    labels = config["labels"]
+    if not (isinstance(labels, list) and labels
+            and all(isinstance(label, dict) and isinstance(label.get("value"), int) and label.get("name") for label in labels)):
+        raise ModelPackageError(_("{file} has no valid label list (each label needs a value and a name).").format(file=configPath))
+    _requireFile(folder / config.get("weights", DEFAULT_WEIGHTS_FILE), _("weights"))
+    _requireAtlas(folder / config.get("atlas", DEFAULT_ATLAS_MANIFEST))
+    title = " ".join(str(part) for part in (config["name"], config.get("version", "")) if part)
+    return ModelEntry(str(folder), title)
+
+
+def _requireFile(path: Path, role: str) -> None:
+    if not path.is_file():
+        raise ModelPackageError(_("The {role} file '{path}' is missing. Copy the complete package.").format(role=role, path=path))
+
+
+def _requireAtlas(manifestPath: Path) -> None:
+    _requireFile(manifestPath, _("atlas manifest"))
+    try:
+        cases = json.loads(manifestPath.read_text(encoding="utf-8"))["cases"]
+        files = [manifestPath.parent / case[role] for case in cases for role in ("image", "label")]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelPackageError(_("The atlas manifest '{path}' is damaged ({error}). Copy the package again.").format(
+            path=manifestPath, error=error)) from None
+    if not cases:
+        raise ModelPackageError(_("The atlas manifest '{path}' lists no training cases; inference-specific learning "
+                                  "needs them. Rebuild the package with its atlas.").format(path=manifestPath))
+    for path in files:
+        _requireFile(path, _("atlas"))
+
+
+def availableModels(modelsDirectory: Union[str, Path]) -> list:
+    """The demo model, then every valid package installed in `modelsDirectory`, sorted by title.
+    A folder that is not a valid package is skipped (and logged)."""
+    installed = []
+    directory = Path(modelsDirectory)
+    for folder in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        try:
+            installed.append(describePackage(folder))
+        except ModelPackageError as error:
+            logging.warning("Skipping installed model package %s: %s", folder, error)
+    return [demoModel()] + sorted(installed, key=lambda entry: entry.title.lower())
+
+
+def installModelPackage(source: Union[str, Path], modelsDirectory: Union[str, Path]) -> ModelEntry:
+    """Validate the package folder or .zip `source` and copy it into `modelsDirectory`, replacing an
+    installed package of the same name. Returns the installed entry; raises ModelPackageError and then
+    leaves `modelsDirectory` as it was."""
+    source, modelsDirectory = Path(source), Path(modelsDirectory)
+    modelsDirectory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".installing-", dir=modelsDirectory))
+    try:
+        if source.is_dir():
+            shutil.copytree(source, staging / "package")
+        elif zipfile.is_zipfile(source):
+            _extractZip(source, staging / "package")
+        else:
+            raise ModelPackageError(_("'{source}' is neither a folder nor a .zip file. Pick the model package folder "
+                                      "or its .zip.").format(source=source))
+        packageRoot = _packageRoot(staging / "package")
+        describePackage(packageRoot)
+        config = json.loads((packageRoot / MODEL_FILE).read_text(encoding="utf-8"))
+        target = modelsDirectory / _folderName(str(config["name"]))
+        if target.exists():
+            shutil.rmtree(target)
+        packageRoot.rename(target)
+        return describePackage(target)
+    except OSError as error:
+        raise ModelPackageError(_("Could not copy the package into '{folder}': {error}").format(
+            folder=modelsDirectory, error=error)) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _extractZip(zipPath: Path, target: Path) -> None:
+    with zipfile.ZipFile(zipPath) as archive:
+        for member in archive.namelist():
+            if member.startswith(("/", "\\")) or ".." in Path(member).parts or re.match(r"^[A-Za-z]:", member):
+                raise ModelPackageError(_("'{file}' contains the unsafe path '{member}' and will not be unpacked.").format(
+                    file=zipPath, member=member))
+        archive.extractall(target)
+
+
+def _packageRoot(folder: Path) -> Path:
+    """The folder holding model.json: `folder` itself or, for a zip of a folder, the shallowest one below."""
+    candidates = sorted(folder.rglob(MODEL_FILE), key=lambda path: len(path.parts))
+    return candidates[0].parent if candidates else folder
+
+
+def _folderName(modelName: str) -> str:
+    """A file-system-safe folder name for a package called `modelName`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", modelName).strip("._") or "model"

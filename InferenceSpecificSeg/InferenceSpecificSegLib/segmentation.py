@@ -1,0 +1,188 @@
+"""Scene side of a run: the input volume goes to a file for the worker, and each labelmap the worker
+publishes becomes the content of one segmentation node (names, colors and terminology from
+segments.json), updated in place, unless the user has edited it.
+
+Uses the MRML classes of `slicer` and vtk only (no Qt, no slicer.app, no global scene), so it runs in
+Slicer and with the slicer-core wheel alike.
+"""
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import slicer
+import vtk
+from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+
+from .i18n import tr as _
+
+# Slicer's default terminology context; the codes come from the model.
+TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def segmentIdForValue(value: int) -> str:
+    """The segment ID of a label value: the same in every snapshot, so segments keep their identity."""
+    return f"label_{value}"
+
+
+def writeVolumeForWorker(volumeNode, path: Path) -> None:
+    """Write `volumeNode`'s voxels with their geometry (origin, spacing, axis directions) to the NRRD file
+    `path`, uncompressed for speed. The volume's parent transform is not applied: the result node gets the
+    same parent transform. The node's own storage node (file name, format) is left untouched."""
+    storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storageNode.SetFileName(str(path))
+    storageNode.SetUseCompression(False)
+    if not storageNode.WriteData(volumeNode):
+        raise RuntimeError(_("Could not write the volume '{name}' to '{path}'. Check free disk space in the "
+                             "temporary folder.").format(name=volumeNode.GetName(), path=path))
+
+
+def readLabelmap(path: Path):
+    """Read the labelmap file `path` into a new vtkMRMLLabelMapVolumeNode that is not in any scene."""
+    labelmapNode = slicer.vtkMRMLLabelMapVolumeNode()
+    storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storageNode.SetFileName(str(path))
+    if not storageNode.ReadData(labelmapNode) or labelmapNode.GetImageData() is None:
+        raise RuntimeError(_("Could not read the labelmap '{path}'.").format(path=path))
+    return labelmapNode
+
+
+def terminologyEntry(terminology: dict) -> str:
+    """Slicer's serialized terminology string for a segments.json terminology
+    ({"category": code, "type": code, "modifier": code}, code = {"scheme", "code", "meaning"})."""
+
+    def codeTriple(role):
+        code = terminology.get(role) or {}
+        return str(code.get("code", "")), str(code.get("scheme", "")), str(code.get("meaning", ""))
+
+    return slicer.vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry(
+        TERMINOLOGY_CONTEXT, *codeTriple("category"), *codeTriple("type"), *codeTriple("modifier"),
+        ANATOMIC_CONTEXT, "", "", "", "", "", "")
+
+
+def contentFingerprint(segmentationNode) -> str:
+    """A digest of what a user can edit in a segmentation: segment IDs, names, label values and the
+    binary labelmap voxels. Display changes (visibility, opacity, 3D surfaces) do not change it."""
+    segmentation = segmentationNode.GetSegmentation()
+    digest = hashlib.blake2b(digest_size=16)
+    hashedImages = []
+    representationName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(index)
+        digest.update(f"{segmentation.GetNthSegmentID(index)}\0{segment.GetName()}\0{segment.GetLabelValue()}\n".encode())
+        image = segment.GetRepresentation(representationName)
+        # Segments share one labelmap image: hash each image once.
+        if image is None or any(image is hashed for hashed in hashedImages):
+            continue
+        hashedImages.append(image)
+        digest.update(repr(image.GetExtent()).encode())
+        scalars = image.GetPointData().GetScalars()
+        if scalars is not None:
+            digest.update(np.ascontiguousarray(vtk_to_numpy(scalars)).data)
+    return digest.hexdigest()
+
+
+def placeNextTo(node, volumeNode) -> None:
+    """Put `node` in the subject hierarchy study of `volumeNode`, when the volume is in one."""
+    shNode = node.GetScene().GetSubjectHierarchyNode()
+    volumeItem = shNode.GetItemByDataNode(volumeNode)
+    if not volumeItem:
+        return
+    studyItem = shNode.GetItemAncestorAtLevel(volumeItem, slicer.vtkMRMLSubjectHierarchyConstants.GetDICOMLevelStudy())
+    if not studyItem:
+        return
+    nodeItem = shNode.GetItemByDataNode(node)
+    if nodeItem:
+        shNode.SetItemParent(nodeItem, studyItem)
+    else:
+        shNode.CreateItem(studyItem, node)
+
+
+class LiveSegmentation:
+    """The segmentation node that shows a run's results on the grid of its input volume.
+
+    `scene` is the MRML scene, `volumeNode` the input volume, `baseName` the name of the node to create.
+    The node is created by the first `update`. After each update the content fingerprint is recorded; when
+    the node's content differs at the next update, the user has edited it, and that node is left alone:
+    results go to a new node instead. A node the user deleted is likewise replaced by a new one.
+    """
+
+    def __init__(self, scene, volumeNode, baseName: str):
+        self.scene = scene
+        self.volumeNode = volumeNode
+        self.baseName = baseName
+        self.node = None
+        self.editedNodes = []  # nodes left alone because the user edited them during the run
+        self._fingerprint = None
+
+    def update(self, labelmapPath: Path, segments: list) -> None:
+        """Show the labelmap file `labelmapPath` (on the input grid) as the segments `segments` (list of
+        protocol.SegmentDescription). Voxels with a value not in `segments` are ignored."""
+        labelmapNode = readLabelmap(labelmapPath)
+        _renumberLabels(labelmapNode, [segment.value for segment in segments])
+        if self.node is None or self.node.GetScene() is not self.scene:
+            self.node = self._newNode()
+        elif contentFingerprint(self.node) != self._fingerprint:
+            logging.info("Segmentation %s was edited during the run; writing results to a new node", self.node.GetName())
+            self.editedNodes.append(self.node)
+            self.node = self._newNode()
+        segmentIds = vtk.vtkStringArray()
+        transformNodeId = self.volumeNode.GetTransformNodeID()
+        if transformNodeId:
+            # The import maps the labelmap through the transform between the labelmap and the segmentation
+            # node: give the labelmap the volume's transform (which needs it in the scene, briefly).
+            self.scene.AddNode(labelmapNode)
+            labelmapNode.SetAndObserveTransformNodeID(transformNodeId)
+        wasModifying = self.node.StartModify()
+        try:
+            for segment in segments:
+                segmentIds.InsertNextValue(self._ensureSegment(segment))
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmapNode, self.node, segmentIds):
+                raise RuntimeError(_("Could not import the labelmap '{path}' into the segmentation.").format(path=labelmapPath))
+        finally:
+            self.node.EndModify(wasModifying)
+            if labelmapNode.GetScene() is not None:
+                self.scene.RemoveNode(labelmapNode)
+        self._fingerprint = contentFingerprint(self.node)
+
+    def rename(self, name: str) -> None:
+        """Give the current node (if any) the name `name`, made unique in the scene (e.g. to mark a partial result)."""
+        if self.node is not None and self.node.GetName() != name:
+            self.node.SetName(self.scene.GenerateUniqueName(name))
+
+    def _newNode(self):
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", self.scene.GenerateUniqueName(self.baseName))
+        node.SetReferenceImageGeometryParameterFromVolumeNode(self.volumeNode)
+        node.SetAndObserveTransformNodeID(self.volumeNode.GetTransformNodeID())
+        node.CreateDefaultDisplayNodes()
+        placeNextTo(node, self.volumeNode)
+        return node
+
+    def _ensureSegment(self, description) -> str:
+        """ID of the segment for `description`, created with the model's name, color and terminology
+        if it does not exist yet (an existing one keeps the color the user may have chosen)."""
+        segmentId = segmentIdForValue(description.value)
+        segmentation = self.node.GetSegmentation()
+        if segmentation.GetSegment(segmentId) is None:
+            segment = slicer.vtkSegment()
+            segment.SetName(description.name)
+            segment.SetColor(*description.color)
+            if description.terminology:
+                segment.SetTerminology(terminologyEntry(description.terminology))
+            segmentation.AddSegment(segment, segmentId)
+        return segmentId
+
+
+def _renumberLabels(labelmapNode, values: list) -> None:
+    """Map label `values[i]` to i + 1 (the import maps value i + 1 to the i-th segment ID) and any other
+    value to 0, in place."""
+    image = labelmapNode.GetImageData()
+    voxels = np.clip(vtk_to_numpy(image.GetPointData().GetScalars()), 0, None)
+    lookup = np.zeros(max(256, int(voxels.max()) + 1), dtype=np.uint8)
+    for index, value in enumerate(values):
+        lookup[value] = index + 1
+    renumbered = lookup[voxels]
+    scalars = numpy_to_vtk(renumbered, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
+    image.GetPointData().SetScalars(scalars)

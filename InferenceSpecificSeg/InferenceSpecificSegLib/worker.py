@@ -1,0 +1,214 @@
+"""Starting, watching and stopping the worker process (`<python> -m isseg.cli ...`), without Slicer or Qt.
+
+The worker runs in its own process group (session on POSIX), so that cancelling can end it together with
+every process it started. Its stdout is read by a background thread into a queue, so the GUI thread
+never blocks on the pipe; its stderr goes to a log file in the run folder, which is what the user is
+pointed to when something fails.
+"""
+
+import logging
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .i18n import tr as _
+from .protocol import CANCEL_FILE, parseEventLine
+
+WORKER_MODULE = "isseg.cli"
+PIPE_DRAIN_SECONDS = 5.0
+
+
+class WorkerError(RuntimeError):
+    """The worker could not be started or did not answer; the message says what to do."""
+
+
+def workerCommand(pythonExecutable: str, arguments: list) -> list:
+    """The command line that runs the worker CLI with `arguments` (e.g. ["refine", "--input", ...])."""
+    return [str(pythonExecutable), "-m", WORKER_MODULE, *[str(argument) for argument in arguments]]
+
+
+def workerEnvironment(moduleDirectory: str, baseEnvironment: Optional[dict] = None) -> dict:
+    """Environment for the worker: `baseEnvironment` (default: this process's) with `moduleDirectory`
+    (the folder holding the `isseg` package) first on PYTHONPATH, and unbuffered output so that every
+    event arrives as soon as it is printed."""
+    environment = dict(os.environ if baseEnvironment is None else baseEnvironment)
+    pythonPath = [str(moduleDirectory)] + [p for p in environment.get("PYTHONPATH", "").split(os.pathsep) if p]
+    environment["PYTHONPATH"] = os.pathsep.join(pythonPath)
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment
+
+
+def _processGroupOptions() -> dict:
+    """Popen options that put the worker in a new process group, so that its whole tree can be ended."""
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}
+
+
+class WorkerProcess:
+    """One running worker.
+
+    `command` is the full command line, `outputDirectory` the run's output folder (where the cancel file
+    goes; it must exist), `logPath` the file that receives the worker's stderr.
+    """
+
+    def __init__(self, command: list, outputDirectory: Path, logPath: Path, environment: Optional[dict] = None):
+        self.outputDirectory = Path(outputDirectory)
+        self.logPath = Path(logPath)
+        self._events: "queue.SimpleQueue[dict]" = queue.SimpleQueue()
+        self._cancelRequestedAt: Optional[float] = None
+        self._leftoversEnded = False
+        self._exitSeenAt: Optional[float] = None
+        with open(self.logPath, "wb") as log:
+            try:
+                self._process = subprocess.Popen(
+                    command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                    cwd=str(self.outputDirectory), env=environment, **_processGroupOptions())
+            except OSError as error:
+                raise WorkerError(_("Could not start the worker '{program}': {error}").format(
+                    program=command[0], error=error.strerror or error)) from None
+        self._reader = threading.Thread(target=self._readEvents, name="InferenceSpecificSeg worker output", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _readEvents(self) -> None:
+        """Background thread: every stdout line that holds an event goes to the queue; other lines
+        (library noise, a half line cut off by a crash) are logged and dropped."""
+        with self._process.stdout:
+            for line in self._process.stdout:
+                event = parseEventLine(line)
+                if event is not None:
+                    self._events.put(event)
+                elif line.strip():
+                    logging.debug("InferenceSpecificSeg worker printed a non-event line: %r", line[:200])
+
+    def takeEvents(self) -> list:
+        """All events that arrived since the last call, oldest first (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    @property
+    def finished(self) -> bool:
+        """True once the process has exited and all its output has been read into the queue (or, should
+        something it started outside its process group hold the pipe open, a few seconds after the exit)."""
+        if self._process.poll() is None:
+            return False
+        if self._exitSeenAt is None:
+            self._exitSeenAt = time.monotonic()
+        if self._reader.is_alive() and time.monotonic() - self._exitSeenAt < PIPE_DRAIN_SECONDS:
+            return False
+        if not self._leftoversEnded:
+            # The worker is gone; end anything it left behind in its process group (once: afterwards the
+            # group id is free and could in principle be reused).
+            self._killProcessGroup()
+            self._leftoversEnded = True
+        return True
+
+    @property
+    def returnCode(self) -> Optional[int]:
+        return self._process.poll()
+
+    def requestCancel(self) -> None:
+        """Ask the worker to stop: write DIR/cancel and send SIGTERM (POSIX); it then writes its partial
+        result and exits. Use `cancelOverdue` and `kill` for a worker that does not stop."""
+        if self._cancelRequestedAt is None:
+            self._cancelRequestedAt = time.monotonic()
+        try:
+            (self.outputDirectory / CANCEL_FILE).touch()
+        except OSError as error:
+            logging.warning("Could not write the cancel file in %s: %s", self.outputDirectory, error)
+        if os.name != "nt" and self._process.poll() is None:
+            try:
+                os.kill(self._process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def cancelOverdue(self, timeoutSeconds: float) -> bool:
+        """True when a cancel was requested more than `timeoutSeconds` ago and the worker still runs."""
+        return (self._cancelRequestedAt is not None and self._process.poll() is None
+                and time.monotonic() - self._cancelRequestedAt > timeoutSeconds)
+
+    def kill(self) -> None:
+        """End the worker and every process it started, now."""
+        self._killProcessGroup()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            logging.error("InferenceSpecificSeg worker %d did not end after being killed", self._process.pid)
+        self._reader.join(timeout=10)  # the pipe closes with the process: the last events are in the queue now
+
+    def _killProcessGroup(self) -> None:
+        if os.name == "nt":
+            if self._process.poll() is None:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)],
+                               capture_output=True, creationflags=subprocess.CREATE_NO_WINDOW)
+            return
+        try:
+            # start_new_session made the worker the leader of a group whose id is its pid.
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # nothing left in the group
+
+    def logTail(self, lines: int = 15) -> str:
+        """The last `lines` lines the worker wrote to stderr."""
+        try:
+            with open(self.logPath, encoding="utf-8", errors="replace") as log:
+                return "".join(deque(log, maxlen=lines)).strip()
+        except OSError:
+            return ""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What `isseg.cli devices` reports: whether a CUDA GPU is usable, its name and memory."""
+
+    cuda: bool
+    name: str
+    memoryGiB: Optional[float]
+
+    def describe(self, requested: str) -> str:
+        """User-visible line saying which device a run with device setting `requested`
+        ("auto", "cpu" or "cuda") will use."""
+        gpu = _("{name} ({memory:.0f} GiB)").format(name=self.name, memory=self.memoryGiB) if self.memoryGiB else self.name
+        if requested == "cpu":
+            return _("Runs on the CPU (as selected).")
+        if self.cuda:
+            return _("Runs on the GPU: {gpu}.").format(gpu=gpu)
+        if requested == "cuda":
+            return _("No usable CUDA GPU was found: the run will fail. Select Automatic or CPU.")
+        return _("Runs on the CPU (no CUDA GPU found); expect several minutes per run.")
+
+
+def queryDevices(pythonExecutable: str, environment: dict, timeoutSeconds: float = 120) -> DeviceInfo:
+    """Ask the worker which compute device it can use (`<python> -m isseg.cli devices`). This starts
+    torch in a separate process, so the caller never imports torch. Raises WorkerError when the worker
+    does not answer with a `devices` event."""
+    command = workerCommand(pythonExecutable, ["devices"])
+    try:
+        completed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=environment,
+                                   timeout=timeoutSeconds, **_processGroupOptions())
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise WorkerError(_("Could not ask the worker for its devices: {error}").format(error=error)) from None
+    for line in completed.stdout.splitlines():
+        event = parseEventLine(line)
+        if event is not None and event["event"] == "devices":
+            memory = event.get("memory_gib")
+            return DeviceInfo(bool(event.get("cuda")), str(event.get("name") or "CPU"),
+                              float(memory) if isinstance(memory, (int, float)) else None)
+    stderrTail = completed.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
+    raise WorkerError(_("The worker did not report its devices (exit code {code}). {log}").format(
+        code=completed.returncode, log="\n".join(stderrTail)))

@@ -1,0 +1,47 @@
+"""Errors the worker reports to its caller, each with its own exit code and event kind.
+
+The message of every error says what happened and what the user can do about it.
+The exit codes are part of the worker protocol (docs/worker-protocol.md).
+"""
+
+EXIT_DONE = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_BAD_MODEL = 4
+EXIT_OUT_OF_MEMORY = 5
+EXIT_CANCELLED = 6
+EXIT_DISK = 7
+
+
+class IssegError(Exception):
+    """Base of every error with a user-facing message."""
+
+    exit_code = EXIT_INTERNAL
+    kind = "internal"
+
+
+class BadInputError(IssegError):
+    exit_code = EXIT_BAD_INPUT
+    kind = "bad_input"
+
+
+class BadModelError(IssegError):
+    exit_code = EXIT_BAD_MODEL
+    kind = "bad_model"
+
+
+class OutOfMemoryError(IssegError):
+    exit_code = EXIT_OUT_OF_MEMORY
+    kind = "out_of_memory"
+
+
+class DiskError(IssegError):
+    exit_code = EXIT_DISK
+    kind = "disk"
+
+
+class Cancelled(Exception):
+    """Raised inside the pipeline when the user asked to stop; not an error."""
+
+    exit_code = EXIT_CANCELLED

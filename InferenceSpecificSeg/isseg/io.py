@@ -1,0 +1,188 @@
+"""Reading, writing and resampling CT volumes and labelmaps with SimpleITK.
+
+Images stay `SimpleITK.Image` objects so that origin, spacing (mm) and direction travel
+with the voxels. Arrays taken from them are (z, y, x), as SimpleITK gives them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import BadInputError, DiskError
+
+READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a 3D scalar image from a NIfTI/NRRD/MHA file or a folder holding one DICOM series.
+
+    Raises BadInputError with a message saying what to do when the path cannot be read
+    or does not hold a 3D scalar image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise BadInputError(f"Input '{path}' does not exist. Check the path and try again.")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path)
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise BadInputError(
+            f"Could not read '{path}' as an image ({_first_line(error)}). "
+            "Give a NIfTI (.nii/.nii.gz), NRRD, MHA file or a folder with one DICOM series."
+        ) from None
+    return check_ct_volume(image, str(path))
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise BadInputError(
+            f"No DICOM series found in folder '{folder}'. Point to the folder that holds the slices."
+        )
+    if len(series_ids) > 1:
+        raise BadInputError(
+            f"Folder '{folder}' holds {len(series_ids)} DICOM series; put the CT series in a folder of its own."
+        )
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+    return reader.Execute()
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def check_ct_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
+    """Return `image` as float32 if it is a non-empty 3D scalar CT volume, else raise BadInputError."""
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise BadInputError(
+            f"'{name}' has {image.GetNumberOfComponentsPerPixel()} components per voxel (color or vector image). "
+            "Select a grayscale CT volume."
+        )
+    size = image.GetSize()
+    if image.GetDimension() == 4 and size[3] == 1:
+        image = image[:, :, :, 0]
+        size = image.GetSize()
+    if image.GetDimension() != 3:
+        raise BadInputError(
+            f"'{name}' is a {image.GetDimension()}D image of size {size}; a 3D CT volume is needed. "
+            "For a time series, select one time point."
+        )
+    if min(size) < 2:
+        raise BadInputError(
+            f"'{name}' has size {size}: it is a single slice, not a volume. Load the whole CT series."
+        )
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = float(array.min()), float(array.max())
+    if high - low < 1.0:
+        raise BadInputError(
+            f"'{name}' is empty (every voxel is {low:g}). Select the CT volume that holds the patient."
+        )
+    if high < -200 or low > 500 or high - low > 20000:
+        raise BadInputError(
+            f"'{name}' has values from {low:g} to {high:g}, which do not look like CT Hounsfield units "
+            "(air about -1000, soft tissue 0 to 100). Select a CT volume in HU."
+        )
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write `image` to `path` so that a reader never sees a half-written file.
+
+    The image is written to a temporary file in the same folder and renamed over `path`.
+    Raises DiskError when the folder is not writable or the disk is full.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes) or ".nrrd"
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+        os.close(handle)
+        sitk.WriteImage(image, temporary, compress)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        if "temporary" in locals() and os.path.exists(temporary):
+            os.remove(temporary)
+        raise DiskError(
+            f"Could not write '{path}' ({_first_line(error)}). Free disk space or choose another output folder."
+        ) from None
+    return path
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a text file through a temporary file and a rename (same guarantees as write_image_atomic)."""
+    path = Path(path)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DiskError(
+            f"Could not write '{path}' ({error.strerror}). Free disk space or choose another output folder."
+        ) from None
+    return path
+
+
+def reorient(image: sitk.Image, orientation: str) -> sitk.Image:
+    """Permute/flip axes so the direction is closest to the 3-letter code (e.g. 'LPS', 'RAS'); no interpolation."""
+    return sitk.DICOMOrient(image, orientation)
+
+
+def model_grid(image: sitk.Image, spacing_mm: Sequence[float], orientation: str) -> sitk.Image:
+    """An empty image on the model's grid covering `image`: axis-aligned to `orientation`, `spacing_mm` (x, y, z)."""
+    oriented = reorient(image, orientation)
+    direction = np.array(oriented.GetDirection()).reshape(3, 3)
+    # Snap the near-axis-aligned direction to the exact axes of the orientation code: the model
+    # was trained on axis-aligned volumes, so oblique inputs are resampled onto such a grid.
+    target_direction = np.zeros((3, 3))
+    for column in range(3):
+        row = int(np.argmax(np.abs(direction[:, column])))
+        target_direction[row, column] = np.sign(direction[row, column])
+    corners = _physical_corners(image)
+    index_coords = corners @ target_direction  # coordinates along the target axes, mm
+    low, high = index_coords.min(axis=0), index_coords.max(axis=0)
+    spacing = np.asarray(spacing_mm, dtype=float)
+    size = np.maximum(np.ceil((high - low) / spacing).astype(int), 1)
+    origin = target_direction @ (low + spacing / 2)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetSpacing(tuple(spacing))
+    grid.SetDirection(tuple(target_direction.ravel()))
+    grid.SetOrigin(tuple(origin))
+    return grid
+
+
+def _physical_corners(image: sitk.Image) -> np.ndarray:
+    """(8, 3) physical coordinates (mm) of the outer voxel-edge corners of `image`."""
+    size = np.array(image.GetSize())
+    corners = []
+    for i in (-0.5, size[0] - 0.5):
+        for j in (-0.5, size[1] - 0.5):
+            for k in (-0.5, size[2] - 0.5):
+                corners.append(image.TransformContinuousIndexToPhysicalPoint((i, j, k)))
+    return np.array(corners)
+
+
+def resample_to(image: sitk.Image, reference: sitk.Image, *, is_label: bool, default_value: float = 0.0) -> sitk.Image:
+    """Resample `image` onto the grid of `reference` (size, origin, spacing, direction).
+
+    Labels use nearest neighbour, intensities and probabilities linear interpolation.
+    Voxels outside `image` get `default_value` (e.g. -1024 HU for CT, 0 for labels).
+    """
+    interpolator = sitk.sitkNearestNeighbor if is_label else sitk.sitkLinear
+    return sitk.Resample(image, reference, sitk.Transform(), interpolator, default_value, image.GetPixelID())
+
+
+def labelmap_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """A uint8 labelmap image from a (z, y, x) array, with the geometry of `reference`."""
+    labels = sitk.GetImageFromArray(array.astype(np.uint8))
+    labels.CopyInformation(reference)
+    return labels

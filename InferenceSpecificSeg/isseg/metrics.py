@@ -1,0 +1,46 @@
+"""Overlap and distance between labelmaps, per label (MONAI metrics).
+
+Inputs are (z, y, x) integer labelmaps on one grid; distances are in mm when `spacing_zyx` (mm)
+is given, else in voxels. A label absent from both maps has no score (NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+
+
+def _one_hot_pair(prediction: np.ndarray, truth: np.ndarray, value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    p = torch.as_tensor(np.asarray(prediction) == value)[None, None].float()
+    t = torch.as_tensor(np.asarray(truth) == value)[None, None].float()
+    return p, t
+
+
+def dice_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[int]) -> list[float]:
+    """Dice of each label value; NaN where neither map has the label."""
+    scores = []
+    for value in values:
+        p, t = _one_hot_pair(prediction, truth, value)
+        if p.sum() == 0 and t.sum() == 0:
+            scores.append(float("nan"))
+        else:
+            scores.append(float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0]))
+    return scores
+
+
+def hd95_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[int],
+                   spacing_zyx: Sequence[float] | None = None) -> list[float]:
+    """95th-percentile symmetric Hausdorff distance of each label; NaN where either map lacks it."""
+    scores = []
+    for value in values:
+        p, t = _one_hot_pair(prediction, truth, value)
+        if p.sum() == 0 or t.sum() == 0:
+            scores.append(float("nan"))
+            continue
+        distance = compute_hausdorff_distance(p, t, include_background=True, percentile=95,
+                                              spacing=list(spacing_zyx) if spacing_zyx is not None else None)
+        scores.append(float(distance[0, 0]))
+    return scores

@@ -1,0 +1,291 @@
+"""Model packages: load, validate and save (see DESIGN.md, "Model package").
+
+A package is a folder (or a .zip of one) with
+- `model.json`: metadata, network (MONAI class name and arguments), input spacing (mm, x y z),
+  orientation code, intensity window (HU), patch size (voxels, x y z), labels, training record;
+- the weights in safetensors format (loading never executes code from the file);
+- `atlas/manifest.json` and the atlas cases (image and label per case, on the model's spacing),
+  each file with its SHA-256 checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.networks import nets
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import BadModelError
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+ATLAS_MANIFEST = "atlas/manifest.json"
+
+
+@dataclass
+class AtlasCase:
+    """One training case of the package: CT image (HU) and labelmap on the model's spacing."""
+
+    case_id: str
+    image_path: Path
+    label_path: Path
+
+    def read(self) -> tuple[sitk.Image, sitk.Image]:
+        return sitk.ReadImage(str(self.image_path), sitk.sitkFloat32), sitk.ReadImage(str(self.label_path), sitk.sitkUInt8)
+
+
+@dataclass
+class ModelPackage:
+    """A loaded, validated model package. `config` is the parsed model.json."""
+
+    root: Path
+    config: dict
+    atlas_cases: list[AtlasCase] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[dict]:
+        """Foreground labels: value, name, color (r, g, b in 0..1), terminology, optional threshold."""
+        return self.config["labels"]
+
+    @property
+    def num_classes(self) -> int:
+        """Output channels of the network: background plus one per label."""
+        return len(self.labels) + 1
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in self.config["input"]["spacing"])
+
+    @property
+    def orientation(self) -> str:
+        return self.config["input"].get("orientation", "LPS")
+
+    @property
+    def intensity_window(self) -> tuple[float, float]:
+        """HU range mapped linearly to [0, 1] (values outside are clipped)."""
+        window = self.config["input"]["intensity"]
+        return float(window["a_min"]), float(window["a_max"])
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        """Network input patch (x, y, z voxels)."""
+        return tuple(int(s) for s in self.config["patch_size"])
+
+    def build_network(self) -> torch.nn.Module:
+        """The MONAI network named in model.json, with its weights loaded, in eval mode on the CPU."""
+        network = build_network(self.config["network"])
+        weights_path = self.root / self.config.get("weights", WEIGHTS_FILE)
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise BadModelError(
+                f"The weights file '{weights_path}' is corrupt or not in safetensors format ({error}). "
+                "Download or copy the model package again."
+            ) from None
+        missing, unexpected = _state_mismatch(network, state)
+        if missing or unexpected:
+            raise BadModelError(
+                f"The weights in '{weights_path}' do not fit the network described in model.json "
+                f"({len(missing)} missing and {len(unexpected)} unexpected tensors, e.g. "
+                f"{(missing + unexpected)[:3]}). The package was built for another network: rebuild it with "
+                "`isseg train` or ask its author for a consistent package."
+            )
+        network.load_state_dict(state)
+        return network.eval()
+
+
+def _state_mismatch(network: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    unexpected = [k for k in state if k not in expected]
+    return missing, unexpected
+
+
+def build_network(network_config: dict) -> torch.nn.Module:
+    """Instantiate `monai.networks.nets.<name>(**args)` from {"name": ..., "args": {...}}."""
+    name = network_config.get("name", "")
+    network_class = getattr(nets, name, None)
+    if not (isinstance(network_class, type) and issubclass(network_class, torch.nn.Module)):
+        raise BadModelError(
+            f"model.json names the network '{name}', which is not a MONAI network (monai.networks.nets). "
+            "Use e.g. 'UNet' or 'DynUNet'."
+        )
+    try:
+        return network_class(**network_config.get("args", {}))
+    except (TypeError, ValueError, AssertionError) as error:
+        raise BadModelError(f"model.json gives arguments that MONAI's {name} does not accept: {error}.") from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load(path: str | Path, *, check_atlas: bool = True) -> ModelPackage:
+    """Load and validate a model package folder or .zip; `demo` gives the built-in demo model.
+
+    Raises BadModelError, naming the file at fault and what to do, when anything is missing,
+    corrupt or inconsistent. Weights are checked against the network when it is built.
+    """
+    if str(path) == "demo":
+        from .demo_model import demo_package_path
+
+        path = demo_package_path()
+    root = Path(path)
+    if not root.exists():
+        raise BadModelError(f"Model package '{root}' does not exist. Pick a package folder or .zip, or use 'demo'.")
+    if root.is_file():
+        root = _extract_zip(root)
+    config_path = root / MODEL_JSON
+    if not config_path.is_file():
+        raise BadModelError(f"'{root}' is not a model package: it has no {MODEL_JSON}. Pick the package folder itself.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadModelError(f"{config_path} is not valid JSON ({error}). The package is damaged: copy it again.") from None
+    _validate_config(config, config_path)
+    weights_path = root / config.get("weights", WEIGHTS_FILE)
+    if not weights_path.is_file():
+        raise BadModelError(f"The weights file '{weights_path}' is missing. Copy the complete package folder.")
+    package = ModelPackage(root=root, config=config)
+    if check_atlas:
+        package.atlas_cases = _load_atlas(root, config)
+    return package
+
+
+def _validate_config(config: dict, config_path: Path) -> None:
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BadModelError(
+            f"{config_path} has format_version {version!r}; this version of InferenceSpecificSeg reads "
+            f"format {FORMAT_VERSION}. Update the extension or rebuild the package."
+        )
+    for key in ("name", "network", "input", "patch_size", "labels"):
+        if key not in config:
+            raise BadModelError(f"{config_path} lacks the required entry '{key}'. Rebuild the package with `isseg train`.")
+    labels = config["labels"]
+    values = [label.get("value") for label in labels]
+    if not labels or sorted(values) != list(range(1, len(labels) + 1)):
+        raise BadModelError(
+            f"{config_path}: label values must be 1..N without gaps (got {values}). Fix the labels list."
+        )
+    out_channels = config["network"].get("args", {}).get("out_channels")
+    if out_channels != len(labels) + 1:
+        raise BadModelError(
+            f"{config_path}: the network has {out_channels} output channels but {len(labels)} labels are listed "
+            f"(expected {len(labels) + 1} = background + labels). The labels do not belong to these weights."
+        )
+
+
+def _load_atlas(root: Path, config: dict) -> list[AtlasCase]:
+    manifest_path = root / config.get("atlas", ATLAS_MANIFEST)
+    if not manifest_path.is_file():
+        raise BadModelError(
+            f"The atlas manifest '{manifest_path}' is missing: inference-specific learning needs the training "
+            "cases. Copy the complete package, including its atlas folder."
+        )
+    manifest = json.loads(manifest_path.read_text())
+    label_values = {0} | {label["value"] for label in config["labels"]}
+    cases = []
+    for entry in manifest.get("cases", []):
+        files = {}
+        for role in ("image", "label"):
+            file_path = manifest_path.parent / entry[role]
+            if not file_path.is_file():
+                raise BadModelError(f"Atlas file '{file_path}' is missing. Copy the complete package.")
+            if sha256(file_path) != entry["sha256"][role]:
+                raise BadModelError(
+                    f"Atlas file '{file_path}' does not match its checksum in {manifest_path}: it was changed or "
+                    "damaged. Copy the package again."
+                )
+            files[role] = file_path
+        extra = set(entry.get("label_values", [])) - label_values
+        if extra:
+            raise BadModelError(
+                f"Atlas case '{entry['id']}' has label values {sorted(extra)} that model.json does not list: "
+                "the atlas and the model disagree. Rebuild the package."
+            )
+        cases.append(AtlasCase(entry["id"], files["image"], files["label"]))
+    if not cases:
+        raise BadModelError(f"The atlas manifest '{manifest_path}' lists no cases. Rebuild the package with atlas cases.")
+    return cases
+
+
+def _extract_zip(zip_path: Path) -> Path:
+    """Unpack a zipped package once into a cache folder keyed by its checksum; returns the package root."""
+    if not zipfile.is_zipfile(zip_path):
+        raise BadModelError(f"'{zip_path}' is neither a package folder nor a .zip file. Pick the package folder or its .zip.")
+    target = cache_dir() / "packages" / sha256(zip_path)[:16]
+    if not target.exists():
+        staging = Path(tempfile.mkdtemp(dir=_mkdir(target.parent)))
+        with zipfile.ZipFile(zip_path) as archive:
+            for member in archive.namelist():
+                if member.startswith("/") or ".." in Path(member).parts:
+                    raise BadModelError(f"'{zip_path}' holds an unsafe path '{member}'; it will not be unpacked.")
+            archive.extractall(staging)
+        staging.rename(target)
+    configs = sorted(target.rglob(MODEL_JSON), key=lambda p: len(p.parts))
+    return configs[0].parent if configs else target
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_dir() -> Path:
+    """Where unpacked packages and the generated demo atlas live ($ISSEG_CACHE or ~/.cache/isseg)."""
+    return _mkdir(Path(os.environ.get("ISSEG_CACHE", Path.home() / ".cache" / "isseg")))
+
+
+def write_atlas(atlas_dir: Path, cases: list[tuple[str, sitk.Image, sitk.Image]]) -> Path:
+    """Write atlas cases (id, image in HU, labelmap) as NRRD files plus a manifest with checksums."""
+    atlas_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for case_id, image, labels in cases:
+        image_name, label_name = f"{case_id}_image.nrrd", f"{case_id}_label.nrrd"
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(atlas_dir / image_name), True)
+        sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8), str(atlas_dir / label_name), True)
+        values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))]
+        entries.append({
+            "id": case_id, "image": image_name, "label": label_name, "label_values": values,
+            "sha256": {"image": sha256(atlas_dir / image_name), "label": sha256(atlas_dir / label_name)},
+        })
+    manifest = atlas_dir / "manifest.json"
+    manifest.write_text(json.dumps({"cases": entries}, indent=1))
+    return manifest
+
+
+def save(root: Path, config: dict, network: torch.nn.Module, atlas_cases=None) -> Path:
+    """Write a package folder: model.json, safetensors weights and (optionally) the atlas cases."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = dict(config, format_version=FORMAT_VERSION, weights=WEIGHTS_FILE)
+    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    save_file(state, str(root / WEIGHTS_FILE))
+    if atlas_cases is not None:
+        write_atlas(root / "atlas", atlas_cases)
+        config["atlas"] = ATLAS_MANIFEST
+    (root / MODEL_JSON).write_text(json.dumps(config, indent=1))
+    return root
+
+
+def copy_without_atlas(source: Path, target: Path) -> None:
+    """Copy model.json and weights of a package (used to place the built-in model in the cache)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_JSON, WEIGHTS_FILE):
+        shutil.copy2(source / name, target / name)

@@ -1,0 +1,130 @@
+"""Static checks of the Slicer extension: the .ui file against the module code, the CMake lists against
+the files on disk, the module's size, the layering rules and the help text."""
+
+import ast
+import re
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = ROOT / "InferenceSpecificSeg"
+MODULE_FILE = MODULE / "InferenceSpecificSeg.py"
+UI_FILE = MODULE / "Resources" / "UI" / "InferenceSpecificSeg.ui"
+LIBRARY = MODULE / "InferenceSpecificSegLib"
+# Library modules that must run anywhere: no slicer, no Qt.
+GUI_FREE = ("i18n", "settings", "protocol", "worker", "models", "dependencies")
+
+
+def uiWidgets():
+    """{name: class} of every widget in the .ui file."""
+    root = ElementTree.parse(UI_FILE).getroot()
+    return {widget.get("name"): widget.get("class") for widget in root.iter("widget")}
+
+
+def cmakeList(path: Path, variable: str) -> set:
+    """Entries of `set(variable ...)` in a CMakeLists.txt, with ${MODULE_NAME} expanded."""
+    text = path.read_text()
+    match = re.search(r"set\(\s*" + variable + r"\s+(.*?)\)", text, re.S)
+    assert match, f"{path} has no set({variable} ...)"
+    entries = [line.split("#")[0].strip() for line in match.group(1).splitlines()]
+    return {entry.replace("${MODULE_NAME}", "InferenceSpecificSeg") for entry in entries if entry}
+
+
+def moduleFiles(pattern: str) -> set:
+    return {path.relative_to(MODULE).as_posix() for path in MODULE.glob(pattern)
+            if path.is_file() and "__pycache__" not in path.parts}
+
+
+def importedModules(path: Path) -> set:
+    """Top-level names of every module `path` imports (anywhere in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_ui_file_parses_and_has_every_widget_the_module_uses():
+    widgets = uiWidgets()
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the module uses no widget?"
+    assert used <= set(widgets), f"missing in the .ui file: {sorted(used - set(widgets))}"
+    assert widgets["InferenceSpecificSeg"] == "qMRMLWidget"
+    assert widgets["inputVolumeSelector"] == "qMRMLNodeComboBox"
+
+
+def test_ui_parameter_bindings_name_parameters_of_the_parameter_node():
+    root = ElementTree.parse(UI_FILE).getroot()
+    bound = {widget.get("name"): widget.find("property[@name='SlicerParameterName']/string").text
+             for widget in root.iter("widget") if widget.find("property[@name='SlicerParameterName']") is not None}
+    tree = ast.parse(MODULE_FILE.read_text())
+    parameterNode = next(node for node in tree.body
+                         if isinstance(node, ast.ClassDef) and node.name == "InferenceSpecificSegParameterNode")
+    parameters = {statement.target.id for statement in parameterNode.body if isinstance(statement, ast.AnnAssign)}
+    assert set(bound.values()) <= parameters
+    assert set(bound.values()) == {"inputVolume", "device", "iterations", "alignment", "movingAverage", "loss"}
+
+
+def test_module_cmake_lists_every_script_and_resource_and_nothing_else():
+    cmake = MODULE / "CMakeLists.txt"
+    expectedScripts = ({"InferenceSpecificSeg.py"} | moduleFiles("InferenceSpecificSegLib/*.py")
+                       | moduleFiles("isseg/**/*.py"))
+    expectedResources = (moduleFiles("Resources/**/*")
+                         | {path for path in moduleFiles("isseg/demo_model/*") if not path.endswith(".py")})
+    listedScripts, listedResources = cmakeList(cmake, "MODULE_PYTHON_SCRIPTS"), cmakeList(cmake, "MODULE_PYTHON_RESOURCES")
+    assert listedScripts == expectedScripts, (
+        f"add to MODULE_PYTHON_SCRIPTS: {sorted(expectedScripts - listedScripts)}; "
+        f"remove: {sorted(listedScripts - expectedScripts)}")
+    assert listedResources == expectedResources, (
+        f"add to MODULE_PYTHON_RESOURCES: {sorted(expectedResources - listedResources)}; "
+        f"remove: {sorted(listedResources - expectedResources)}")
+    text = cmake.read_text()
+    assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
+    assert "add_subdirectory(Testing)" in text
+
+
+def test_extension_and_test_cmake_files():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                     "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf'set\({variable} "[^"]+"\)', text), variable
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
+    assert "add_subdirectory(InferenceSpecificSeg)" in text
+    assert "add_subdirectory(Python)" in (MODULE / "Testing" / "CMakeLists.txt").read_text()
+    assert "slicer_add_python_unittest(" in (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text()
+
+
+def test_module_file_is_thin_and_defines_the_slicer_classes():
+    text = MODULE_FILE.read_text()
+    assert len(text.splitlines()) < 500
+    classes = {node.name for node in ast.parse(text).body if isinstance(node, ast.ClassDef)}
+    assert {"InferenceSpecificSeg", "InferenceSpecificSegWidget", "InferenceSpecificSegLogic",
+            "InferenceSpecificSegTest"} <= classes
+    assert 'slicer.util.loadUI(self.resourcePath("UI/InferenceSpecificSeg.ui"))' in text
+
+
+def test_help_text_cites_the_method_and_the_loss():
+    text = MODULE_FILE.read_text()
+    assert "10.1002/mp.17883" in text and "Medical Physics, 2025" in text
+    assert "region-specific loss" in text and "Pattern Analysis and Machine Intelligence" in text and "2023" in text
+
+
+def test_layers_import_only_what_they_may():
+    for path in [MODULE_FILE, *LIBRARY.glob("*.py")]:
+        assert not importedModules(path) & {"torch", "monai", "SimpleITK", "isseg"}, path
+    for name in GUI_FREE:
+        assert not importedModules(LIBRARY / f"{name}.py") & {"slicer", "qt", "ctk", "vtk"}, name
+    for path in LIBRARY.glob("*.py"):
+        assert not importedModules(path) & {"qt", "ctk"}, path
+        assert "mrmlScene" not in path.read_text(), f"{path} must take the scene as an argument"
+
+
+def test_user_visible_strings_in_the_module_are_translatable():
+    """Text given to Qt properties and dialogs goes through _()."""
+    text = MODULE_FILE.read_text()
+    untranslated = re.findall(r"\.(?:text|toolTip|format)\s*=\s*[\"']", text)
+    untranslated += re.findall(r"(?:errorDisplay|confirmOkCancelDisplay|tryWithErrorDisplay)\(\s*[\"']", text)
+    assert untranslated == []
