@@ -49,13 +49,13 @@ network is fine-tuned on them, and the moving average of its predictions is show
 <li>Press <b>Edit in Segment Editor</b> to correct the result.</li>
 </ol>
 A segmentation you edit during a run is never overwritten: later results go to a new segmentation.
-See the <a href="https://github.com/InferenceSpecificSeg/InferenceSpecificSeg/blob/main/docs/slicer.md">user guide</a>.
+See the <a href="https://github.com/InferenceSpecificSeg/InferenceSpecificSeg/blob/main/README.md#in-3d-slicer">user guide</a>.
 """)
         self.parent.acknowledgementText = _("""
-Method: Y. Chen, S. Liu, M. Li, B. Han, L. Xing. Inference-specific learning for improved medical image
-segmentation. Medical Physics, 2025. doi:10.1002/mp.17883.<br>
-Optional loss: Y. Chen, L. Yu, J.-Y. Wang, et al., L. Xing. Adaptive region-specific loss for improved medical image
-segmentation. IEEE Transactions on Pattern Analysis and Machine Intelligence 45(11), 2023. doi:10.1109/TPAMI.2023.3289667.<br>
+Method: Chen et al. Inference-specific learning for improved medical image segmentation.
+Medical Physics, 2025. doi:10.1002/mp.17883.<br>
+Optional loss: Chen et al. Adaptive region-specific loss for improved medical image segmentation.
+IEEE Transactions on Pattern Analysis and Machine Intelligence, 2023.<br>
 Built on 3D Slicer, PyTorch and MONAI.
 """)
 

@@ -14,27 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from isseg import phantom
 from isseg.events import EventWriter
 from isseg.train import TrainSettings, train_package
 
 TARGET = Path(__file__).resolve().parents[1] / "InferenceSpecificSeg" / "isseg" / "demo_model"
-
-
-def write_phantom_dataset(folder: Path, seeds: list[int]) -> None:
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    training = []
-    for seed in seeds:
-        case = phantom.generate(phantom.training_spec(seed))
-        name = f"phantom_{seed:03d}.nii.gz"
-        sitk.WriteImage(sitk.Cast(case.image, sitk.sitkInt16), str(folder / "imagesTr" / name))
-        sitk.WriteImage(case.labels, str(folder / "labelsTr" / name))
-        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
-    labels = {"0": "background", **{str(label["value"]): label["name"] for label in phantom.LABELS}}
-    (folder / "dataset.json").write_text(json.dumps({"name": "phantoms", "labels": labels, "training": training}, indent=1))
 
 
 def main() -> None:
@@ -47,7 +31,7 @@ def main() -> None:
     seeds = list(range(1000, 1000 + args.cases))
     with tempfile.TemporaryDirectory() as work:
         dataset, package = Path(work) / "dataset", Path(work) / "package"
-        write_phantom_dataset(dataset, seeds)
+        phantom.write_msd_dataset(dataset, [phantom.training_spec(seed) for seed in seeds])
         settings = TrainSettings(steps=args.steps, seed=args.seed)
         train_package(dataset, package, settings, EventWriter(mode="bar"), args.device, name="Abdominal phantom demo",
                       description="Small UNet trained on procedural abdominal CT phantoms (portal venous phase). "

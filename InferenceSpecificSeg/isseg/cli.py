@@ -92,7 +92,10 @@ def refine_settings_from(args: argparse.Namespace):
 
 
 def run_refine_with_fallback(args, settings, events: EventWriter, output_dir):
-    """Run the pipeline; on out-of-memory retry with lighter settings, then on the CPU."""
+    """Run the pipeline; on GPU out-of-memory retry with lighter settings, then on the CPU.
+
+    Each retry starts over (snapshot numbering continues), after a `warning` event that says why.
+    """
     import torch
 
     from .pipeline import Run, resolve_device
@@ -100,26 +103,23 @@ def run_refine_with_fallback(args, settings, events: EventWriter, output_dir):
     device = resolve_device(args.device)
     attempts = [(device, None)]
     if device.type == "cuda":
-        attempts += [(device, "lighter"), (torch.device("cpu"), "cpu")]
-    for attempt, (attempt_device, fallback) in enumerate(attempts):
+        attempts += [(device, "lighter settings"), (torch.device("cpu"), "the CPU")]
+    snapshots_published = 0
+    for attempt_device, fallback in attempts:
         if fallback:
             settings.alignment.batch_size = 1
             settings.step.batch_size = 1
-            events.emit("stage", stage="initial", fallback=fallback,
-                        message=f"Out of GPU memory: retrying with {'lighter settings' if fallback == 'lighter' else 'the CPU'}.")
+            events.emit("warning", message=f"Out of GPU memory: starting again with {fallback}.")
         run = Run(args.input, args.model, output_dir, settings, events, attempt_device, args.seed,
                   largest_component=not args.no_largest_component)
-        if attempt == 0:
-            run.cancel.install_signal_handlers()
-        else:
-            run.snapshot_index = previous_snapshots
+        run.snapshot_index = snapshots_published
+        run.cancel.install_signal_handlers()
         try:
             return run.execute()
         except torch.cuda.OutOfMemoryError:
-            previous_snapshots = run.snapshot_index
+            snapshots_published = run.snapshot_index
+            del run
             torch.cuda.empty_cache()
-            if attempt == len(attempts) - 1:
-                break
         except MemoryError:
             break
     raise OutOfMemoryError(
@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_registrars():
-    from . import train
+    from . import demo, evaluate, train
 
-    return (train.register,)
+    return (train.register, demo.register, evaluate.register)
 
 
 def main(argv=None) -> int:

@@ -83,11 +83,11 @@ def check_ct_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
         )
     array = sitk.GetArrayViewFromImage(image)
     low, high = float(array.min()), float(array.max())
-    if high - low < 1.0:
+    if high == low:
         raise BadInputError(
             f"'{name}' is empty (every voxel is {low:g}). Select the CT volume that holds the patient."
         )
-    if high < -200 or low > 500 or high - low > 20000:
+    if high - low < 50 or high < -200 or low > 500 or high - low > 20000:
         raise BadInputError(
             f"'{name}' has values from {low:g} to {high:g}, which do not look like CT Hounsfield units "
             "(air about -1000, soft tissue 0 to 100). Select a CT volume in HU."

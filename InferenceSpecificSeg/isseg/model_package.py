@@ -199,7 +199,11 @@ def _load_atlas(root: Path, config: dict) -> list[AtlasCase]:
             f"The atlas manifest '{manifest_path}' is missing: inference-specific learning needs the training "
             "cases. Copy the complete package, including its atlas folder."
         )
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadModelError(f"The atlas manifest '{manifest_path}' is not valid JSON ({error}). "
+                            "The package is damaged: copy it again.") from None
     label_values = {0} | {label["value"] for label in config["labels"]}
     cases = []
     for entry in manifest.get("cases", []):

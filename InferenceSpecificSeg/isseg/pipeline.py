@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import signal
 import time
@@ -19,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__, model_package
-from .errors import Cancelled, DiskError
+from .errors import BadInputError, Cancelled, DiskError
 from .events import EventWriter, RunClock
 from .inference import predict_probabilities
 from .io import read_image, write_image_atomic, write_text_atomic
@@ -53,14 +54,19 @@ class CancelToken:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when a GPU is usable, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from .errors import BadInputError
+    """`auto` picks CUDA when a GPU is usable, else the CPU.
 
+    ISSEG_CUDA_MEMORY_FRACTION (0 to 1) caps the share of GPU memory this process may take, e.g. to
+    leave room for Slicer's rendering on the same GPU.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
         raise BadInputError("--device cuda was asked for, but no CUDA GPU is usable here. Use --device auto or cpu.")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and os.environ.get("ISSEG_CUDA_MEMORY_FRACTION"):
+        torch.cuda.set_per_process_memory_fraction(float(os.environ["ISSEG_CUDA_MEMORY_FRACTION"]))
+    return device
 
 
 def settings_record(settings: RefineSettings, **extra) -> dict:
@@ -76,6 +82,16 @@ def segments_record(labels: list[dict]) -> dict:
     """segments.json content: each label's value, name, color and terminology."""
     keys = ("value", "name", "color", "terminology")
     return {"segments": [{k: label[k] for k in keys if k in label} for label in labels]}
+
+
+def atlas_arrays(package: model_package.ModelPackage) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The package's atlas as arrays for alignment: per case a (z, y, x) float32 image normalized with
+    the model's intensity window and a (z, y, x) int64 labelmap, at the model spacing."""
+    atlas = [case.read() for case in package.atlas_cases]
+    window = package.intensity_window
+    images = [np.asarray(normalize(sitk.GetArrayFromImage(image), window), dtype=np.float32) for image, _ in atlas]
+    labels = [sitk.GetArrayFromImage(labels).astype(np.int64) for _, labels in atlas]
+    return images, labels
 
 
 class Run:
@@ -137,10 +153,7 @@ class Run:
 
     def run_refinement(self, network, target, patch) -> None:
         settings = self.settings
-        atlas = [case.read() for case in self.package.atlas_cases]
-        window = self.package.intensity_window
-        atlas_images = [np.asarray(normalize(sitk.GetArrayFromImage(image), window), dtype=np.float32) for image, _ in atlas]
-        atlas_labels = [sitk.GetArrayFromImage(labels).astype(np.int64) for _, labels in atlas]
+        atlas_images, atlas_labels = atlas_arrays(self.package)
         clock = RunClock(settings.rounds * ALIGN_ROUND_UNITS + settings.steps)
         total_units = clock.total_units
         stage_started = {"t": time.monotonic(), "stage": None}

@@ -28,8 +28,8 @@ from .inference import predict_probabilities
 from .losses import segmentation_loss
 from .metrics import dice_per_label
 from .pipeline import resolve_device
-from .preprocess import normalize, zyx
-from .io import resample_to
+from .io import read_image, resample_to
+from .preprocess import image_tensor, to_model_grid, zyx
 from .terminology import describe_label
 from .training import StepSettings, train_step
 
@@ -92,9 +92,6 @@ def read_msd_dataset(folder: Path) -> tuple[list[tuple[str, Path, Path]], dict[i
 
 def load_case(case_id: str, image_path: Path, label_path: Path, names: dict[int, str], settings: TrainSettings) -> LabelledCase:
     """Read one case, check it, and resample it to the model grid."""
-    from .io import read_image
-    from .preprocess import to_model_grid
-
     image = read_image(image_path)
     labels = sitk.ReadImage(str(label_path))
     if labels.GetSize() != image.GetSize():
@@ -120,7 +117,7 @@ def split_cases(case_ids: list[str], fraction: float, seed: int) -> tuple[list[i
 
 
 def _stack(cases: list[LabelledCase], window) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    images = [torch.as_tensor(np.asarray(normalize(sitk.GetArrayFromImage(c.image).astype(np.float32), window)))[None] for c in cases]
+    images = [image_tensor(c.image, window)[0] for c in cases]
     labels = [torch.as_tensor(sitk.GetArrayFromImage(c.labels).astype(np.int64))[None] for c in cases]
     return images, labels
 
@@ -206,8 +203,7 @@ def train_package(dataset: Path, output: Path, settings: TrainSettings, events: 
     events.emit("stage", stage="thresholds")
     probabilities, truths = [], []
     for case in validation:
-        image = torch.as_tensor(np.asarray(normalize(sitk.GetArrayFromImage(case.image).astype(np.float32), settings.intensity_window)))[None, None]
-        probabilities.append(predict_probabilities(network, image, patch, device)[0].numpy())
+        probabilities.append(predict_probabilities(network, image_tensor(case.image, settings.intensity_window), patch, device)[0].numpy())
         truths.append(sitk.GetArrayFromImage(case.labels))
     thresholds = choose_thresholds(probabilities, truths, len(labels)) if validation else []
     for label, choice in zip(labels, thresholds):
@@ -256,7 +252,7 @@ def _validation_dice(network, validation: list[LabelledCase], settings: TrainSet
         return None
     scores = []
     for case in validation:
-        image = torch.as_tensor(np.asarray(normalize(sitk.GetArrayFromImage(case.image).astype(np.float32), settings.intensity_window)))[None, None]
+        image = image_tensor(case.image, settings.intensity_window)
         prediction = predict_probabilities(network, image, zyx(settings.patch_size), device)[0].argmax(0).numpy()
         scores.append(np.nanmean(dice_per_label(prediction, sitk.GetArrayFromImage(case.labels), range(1, num_labels + 1))))
     return round(float(np.nanmean(scores)), 4)

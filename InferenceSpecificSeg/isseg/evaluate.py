@@ -1,0 +1,422 @@
+"""`isseg evaluate`: inference-specific learning against its baselines, per case and organ.
+
+For every labelled case of a folder in the Medical Segmentation Decathlon layout (dataset.json
+whose "training" entries name an image and a label file each, e.g. in imagesTr/ and labelsTr/
+or imagesTs/ and labelsTs/), these methods segment the image:
+
+    initial                 the model's own segmentation (snapshot 0 of the first run)
+    registration            per-voxel majority vote of the atlas labels aligned to the initial mask
+    isl_mask                inference-specific learning: mask-driven alignment, moving average, Dice + CE
+    isl_intensity           the same with alignment by image similarity (LNCC) instead of the mask
+    isl_mask_last_iterate   the same with the last prediction instead of the moving average
+    isl_mask_region_loss    the same with the adaptive region-specific Tversky + CE loss
+
+(--variants picks the isl_ ones), and each is compared with the truth by Dice and HD95 (mm).
+Organs are matched between the dataset and the model by name.
+
+Files in the output folder:
+    metrics.csv        per case, method and organ: Dice and HD95; a failed run as a row with its error
+    summary.md         mean and SD per organ and method, Wilcoxon p-values against the initial model,
+                       the failed runs
+    dice_boxplot.png   Dice per method, one panel per organ and one for the mean over organs
+    settings.json      every setting, the seed and the library versions
+    cases/CASE/METHOD/ each run's own output (labelmap, snapshots, report, settings)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import model_package
+from .alignment import align_atlas
+from .errors import EXIT_DONE, BadInputError, DiskError, IssegError
+from .events import EventWriter, RunClock
+from .io import labelmap_like, read_image, resample_to, write_image_atomic, write_text_atomic
+from .metrics import dice_per_label, hd95_per_label
+from .pipeline import Run, atlas_arrays, resolve_device, settings_record
+from .preprocess import image_tensor
+from .refinement import RefineSettings
+from .reporting import format_number, is_missing, markdown_table, rounded_or_none, tell, write_csv
+from .train import read_msd_dataset
+
+log = logging.getLogger("isseg")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of inference-specific learning; the other settings come from the command line."""
+
+    name: str
+    align_mode: str
+    moving_average: bool
+    loss: str
+    description: str
+
+    def settings(self, base: RefineSettings) -> RefineSettings:
+        settings = copy.deepcopy(base)
+        settings.alignment.mode = self.align_mode
+        settings.moving_average = self.moving_average
+        settings.loss = self.loss
+        return settings
+
+
+VARIANTS = {variant.name: variant for variant in (
+    Variant("isl_mask", "mask", True, "dicece", "mask-driven alignment, moving average, Dice + cross-entropy"),
+    Variant("isl_intensity", "intensity", True, "dicece", "alignment by image similarity (LNCC) instead of the mask"),
+    Variant("isl_mask_last_iterate", "mask", False, "dicece", "the last prediction instead of the moving average"),
+    Variant("isl_mask_region_loss", "mask", True, "region_tversky", "adaptive region-specific Tversky + CE loss"),
+)}
+BASELINES = ("initial", "registration")
+REFERENCE_METHOD = "initial"
+MEAN = "mean"  # the per-case mean over organs, shown next to the organs
+
+
+@dataclass
+class CaseResult:
+    """One case: per method, Dice and HD95 (mm) per organ name, or the error that stopped the method."""
+
+    case_id: str
+    scores: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def dice(self, method: str, organ: str) -> float:
+        """Dice of an organ, or with organ MEAN the mean over organs; NaN when the method has no score."""
+        organ_scores = self.scores.get(method)
+        if organ_scores is None:
+            return math.nan
+        if organ == MEAN:
+            values = [dice for dice, _ in organ_scores.values() if not math.isnan(dice)]
+            return float(np.mean(values)) if values else math.nan
+        return organ_scores[organ][0]
+
+
+class TaggedEvents:
+    """Passes events on to an EventWriter with fixed extra fields (the case and method of a run)."""
+
+    def __init__(self, events: EventWriter, **tags):
+        self.events, self.tags = events, tags
+
+    def emit(self, event: str, **fields) -> None:
+        self.events.emit(event, **self.tags, **fields)
+
+
+def score(prediction: np.ndarray, truth: np.ndarray, organs: dict[int, str],
+          spacing_zyx) -> dict[str, tuple[float, float]]:
+    """Dice and HD95 (mm) per organ name of a (z, y, x) labelmap against the truth on the same grid.
+
+    organs: label value -> name. NaN where the organ is in neither map (Dice) or not in both (HD95)."""
+    values = list(organs)
+    dice = dice_per_label(prediction, truth, values)
+    hd95 = hd95_per_label(prediction, truth, values, spacing_zyx)
+    return {organs[value]: (d, h) for value, d, h in zip(values, dice, hd95)}
+
+
+def paired_wilcoxon(values, baseline) -> float:
+    """Two-sided p-value of the Wilcoxon signed-rank test of paired values against a baseline.
+
+    Pairs with a NaN are dropped; zero differences are dropped too (scipy's default), and for small
+    samples without ties scipy uses the exact distribution. 1.0 when every difference is zero (no
+    evidence of a difference), NaN when no pair is left."""
+    from scipy.stats import wilcoxon
+
+    values, baseline = np.asarray(values, dtype=float), np.asarray(baseline, dtype=float)
+    paired = ~(np.isnan(values) | np.isnan(baseline))
+    differences = values[paired] - baseline[paired]
+    if len(differences) == 0:
+        return math.nan
+    if not np.any(differences):
+        return 1.0
+    return float(wilcoxon(differences).pvalue)
+
+
+def organ_correspondence(dataset_names: dict[int, str], package: model_package.ModelPackage,
+                         dataset_path: Path) -> tuple[dict[int, str], np.ndarray]:
+    """Organs evaluated (model value -> name: those the dataset names too) and a lookup table that turns
+    dataset label values into model label values (0 for labels the model does not know)."""
+    model_values = {label["name"]: label["value"] for label in package.labels}
+    organs = {model_values[name]: name for name in dataset_names.values() if name in model_values}
+    if not organs:
+        raise BadInputError(f"None of the labels in {dataset_path / 'dataset.json'} ({sorted(dataset_names.values())}) "
+                            f"is a label of the model ({sorted(model_values)}). Name the labels as the model does.")
+    lookup = np.zeros(max(dataset_names) + 1, dtype=np.uint8)
+    for value, name in dataset_names.items():
+        lookup[value] = model_values.get(name, 0)
+    return dict(sorted(organs.items())), lookup
+
+
+def read_truth(image_path: Path, label_path: Path, lookup: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+    """The true labelmap (z, y, x) in model label values and the voxel spacing (mm, z y x).
+
+    Raises BadInputError when the image or labels cannot be read or do not share a grid."""
+    image = read_image(image_path)
+    try:
+        labels = sitk.ReadImage(str(label_path))
+    except RuntimeError as error:
+        raise BadInputError(f"Could not read the label map '{label_path}' ({str(error).strip().splitlines()[-1]}).") from None
+    if labels.GetSize() != image.GetSize():
+        raise BadInputError(f"'{label_path}' has size {labels.GetSize()} but its image '{image_path}' has "
+                            f"{image.GetSize()}: a label map must be on the grid of its image.")
+    values = sitk.GetArrayFromImage(labels).astype(np.int64)
+    if values.min() < 0 or values.max() >= len(lookup):
+        raise BadInputError(f"'{label_path}' holds label values outside those named in dataset.json.")
+    return lookup[values], image.GetSpacing()[::-1]
+
+
+def registration_baseline(run: Run, settings: RefineSettings) -> sitk.Image:
+    """Registration only, no fine-tuning: the atlas labels aligned (mask-driven) to the run's initial mask,
+    combined by a per-voxel majority vote (ties go to the lower label value, so background wins them),
+    on the run's input grid."""
+    atlas_images, atlas_labels = atlas_arrays(run.package)
+    target = image_tensor(run.model_image, run.package.intensity_window)
+    aligned = align_atlas(atlas_images, atlas_labels, target, run.initial_probabilities, settings.alignment, run.device)
+    votes = torch.stack([(aligned.labels[:, 0] == value).sum(0) for value in range(run.package.num_classes)])
+    majority = votes.argmax(0).numpy().astype(np.uint8)
+    return resample_to(labelmap_like(majority, run.model_image), run.input_image, is_label=True)
+
+
+def _error_text(error: Exception) -> str:
+    if isinstance(error, IssegError):
+        return str(error)
+    log.exception("Run failed")
+    return f"{type(error).__name__}: {error}"
+
+
+def evaluate_case(case_id: str, image_path: Path, label_path: Path, lookup: np.ndarray, organs: dict[int, str],
+                  model: str, variants: list[Variant], base: RefineSettings, output: Path, events: EventWriter,
+                  device: torch.device, seed: int, largest_component: bool) -> CaseResult:
+    """Run every method on one case and score it. Errors are recorded in the result, never raised:
+    a case that cannot be read fails every method, a run that fails fails its own method (and the
+    baselines too if no run got as far as the initial segmentation)."""
+    result = CaseResult(case_id)
+    methods = [*BASELINES, *(variant.name for variant in variants)]
+    try:
+        truth, spacing = read_truth(image_path, label_path, lookup)
+    except IssegError as error:
+        result.errors = {method: str(error) for method in methods}
+        return result
+
+    def add_score(method: str, compute_labelmap) -> None:
+        try:
+            labelmap = sitk.GetArrayFromImage(compute_labelmap())
+            result.scores[method] = score(labelmap, truth, organs, spacing)
+        except Exception as error:  # reported in the outputs, and the evaluation goes on
+            result.errors[method] = _error_text(error)
+
+    for variant in variants:
+        run_dir = output / variant.name
+        run = Run(image_path, model, run_dir, variant.settings(base),
+                  TaggedEvents(events, case=case_id, method=variant.name), device, seed, largest_component)
+        add_score(variant.name, lambda: sitk.ReadImage(run.execute()["labelmap"]))
+        if REFERENCE_METHOD not in result.scores and run.snapshot_index > 0:
+            # The first run that got past its initial segmentation provides both baselines.
+            add_score(REFERENCE_METHOD, lambda: sitk.ReadImage(str(run_dir / "snapshot_0000.nrrd")))
+            events.emit("stage", stage="align", case=case_id, method="registration", round=1)
+            add_score("registration", lambda: registration_run(run, base, output / "registration", seed))
+    for method in BASELINES:
+        if method not in result.scores and method not in result.errors:
+            first_error = next(iter(result.errors.values()), "unknown error")
+            result.errors[method] = f"no run produced an initial segmentation ({first_error})"
+    return result
+
+
+def registration_run(run: Run, base: RefineSettings, output: Path, seed: int) -> sitk.Image:
+    """The registration baseline for the case of `run`, written with its settings record to `output`."""
+    settings = copy.deepcopy(base)
+    settings.alignment.mode = "mask"
+    output.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(json.dumps(settings_record(settings, method="registration", seed=seed, device=str(run.device),
+                                                 input=str(run.input_path)), indent=1), output / "settings.json")
+    labelmap = registration_baseline(run, settings)
+    write_image_atomic(labelmap, output / "labelmap.nrrd")
+    return labelmap
+
+
+def metrics_rows(results: list[CaseResult], methods: list[str], organs: list[str]) -> list[list]:
+    """Rows of metrics.csv: case, method, organ, Dice, HD95 (mm), status, error."""
+    rows = []
+    for result in results:
+        for method in methods:
+            if method in result.errors:
+                rows.append([result.case_id, method, "", None, None, "failed", result.errors[method]])
+                continue
+            for organ in organs:
+                dice, hd95 = result.scores[method][organ]
+                rows.append([result.case_id, method, organ, round(dice, 4) if not math.isnan(dice) else None,
+                             round(hd95, 2) if not math.isnan(hd95) else None, "ok", ""])
+    return rows
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    values = [v for v in values if not is_missing(v)]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return format_number(values[0], digits)
+    return f"{format_number(float(np.mean(values)), digits)} ± {format_number(float(np.std(values, ddof=1)), digits)}"
+
+
+def summary_markdown(results: list[CaseResult], methods: list[str], organs: list[str], title: str) -> str:
+    """summary.md: Dice and HD95 as mean ± SD over cases per organ and method, Wilcoxon p-values of each
+    method against the initial model (paired over the cases both have), and the failed runs."""
+    columns = [*organs, MEAN]
+
+    def succeeded(method: str) -> list[CaseResult]:
+        return [r for r in results if method in r.scores]
+
+    def hd95(result: CaseResult, method: str, organ: str) -> float:
+        if organ != MEAN:
+            return result.scores[method][organ][1]
+        values = [h for _, h in result.scores[method].values() if not math.isnan(h)]
+        return float(np.mean(values)) if values else math.nan
+
+    dice_rows = [[method, len(succeeded(method)), *(_mean_sd([r.dice(method, o) for r in succeeded(method)], 3)
+                                                   for o in columns)] for method in methods]
+    hd95_rows = [[method, len(succeeded(method)), *(_mean_sd([hd95(r, method, o) for r in succeeded(method)], 1)
+                                                   for o in columns)] for method in methods]
+    p_rows = []
+    for method in methods:
+        if method == REFERENCE_METHOD:
+            continue
+        p_values = [paired_wilcoxon([r.dice(method, o) for r in results], [r.dice(REFERENCE_METHOD, o) for r in results])
+                    for o in columns]
+        p_rows.append([method, *(format_number(p, 4) for p in p_values)])
+    failures = [[r.case_id, method, r.errors[method].replace("|", "/").replace("\n", " ")]
+                for r in results for method in methods if method in r.errors]
+    header = ["method", "cases", *(c.replace("_", " ") for c in columns)]
+    text = f"""# {title}
+
+{len(results)} cases; per-case values in metrics.csv, settings in settings.json.
+"mean" is the mean over organs within a case; values are mean ± SD over the cases where the method ran.
+
+## Dice
+
+{markdown_table(header, dice_rows)}
+## HD95 (mm)
+
+{markdown_table(header, hd95_rows)}
+## Wilcoxon signed-rank p-values against the initial model
+
+Two-sided, paired over cases, on Dice (the mean over organs, and per organ).
+
+{markdown_table(["method", *header[2:]], p_rows)}
+## Failed runs
+
+"""
+    text += markdown_table(["case", "method", "error"], failures) if failures else "None.\n"
+    return text
+
+
+def dice_boxplot(results: list[CaseResult], methods: list[str], organs: list[str], path: Path) -> Path:
+    """PNG: one panel per organ and one for the mean over organs, a box of Dice over cases per method,
+    with the cases as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = [*organs, MEAN]
+    panel_columns = min(4, len(columns))
+    panel_rows = math.ceil(len(columns) / panel_columns)
+    figure, axes = plt.subplots(panel_rows, panel_columns, figsize=(3.6 * panel_columns, 3.6 * panel_rows + 0.6),
+                                squeeze=False, sharey=True)
+    colors = plt.get_cmap("tab10").colors
+    jitter = np.random.default_rng(0)
+    for ax, organ in zip(axes.flat, columns):
+        data = [[d for d in (r.dice(m, organ) for r in results) if not math.isnan(d)] for m in methods]
+        positions = np.arange(1, len(methods) + 1)
+        boxes = ax.boxplot([values or [math.nan] for values in data], positions=positions, widths=0.6,
+                           patch_artist=True, showfliers=False, medianprops={"color": "black"})
+        for box, color in zip(boxes["boxes"], colors):
+            box.set_facecolor((*color, 0.35))
+        for position, values, color in zip(positions, data, colors):
+            ax.scatter(position + jitter.uniform(-0.15, 0.15, len(values)), values, s=12, color=color, zorder=3)
+        ax.set_title(organ.replace("_", " ") if organ != MEAN else "mean over organs", fontsize=11)
+        ax.set_xticks(positions, [m.replace("_", " ") for m in methods], rotation=40, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Dice")
+    for ax in list(axes.flat)[len(columns):]:
+        ax.set_axis_off()
+    figure.suptitle(f"Dice per method over {len(results)} cases", fontsize=13)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def register(commands) -> None:
+    from .cli import add_refine_options
+
+    parser = commands.add_parser(
+        "evaluate", help="compare inference-specific learning with its baselines on labelled cases",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", required=True, help="folder with dataset.json and the images and labels it lists")
+    parser.add_argument("--model", required=True, help="model package folder or .zip, or 'demo'")
+    parser.add_argument("--output", required=True, help="output folder (created if needed)")
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
+                        help="inference-specific learning variants to run (default: all). Each sets the alignment "
+                             "mode, moving average and loss itself, so --align-mode, --no-moving-average and --loss "
+                             "do not apply here")
+    parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto",
+                        help="JSON lines (for programs) or a progress bar; auto picks the bar in a terminal")
+    add_refine_options(parser)
+    parser.set_defaults(handler=command_evaluate)
+
+
+def command_evaluate(args) -> int:
+    from .cli import refine_settings_from
+
+    events = EventWriter(mode=args.progress)
+    base = refine_settings_from(args)
+    device = resolve_device(args.device)
+    cases_folder, output = Path(args.cases), Path(args.output)
+    entries, dataset_names = read_msd_dataset(cases_folder)
+    package = model_package.load(args.model)
+    organ_values, lookup = organ_correspondence(dataset_names, package, cases_folder)
+    organs = list(organ_values.values())
+    variants = [VARIANTS[name] for name in dict.fromkeys(args.variants)]
+    methods = [*BASELINES, *(variant.name for variant in variants)]
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DiskError(f"Cannot create the output folder '{output}' ({error.strerror}). Choose another --output.") from None
+    write_text_atomic(json.dumps(settings_record(
+        base, seed=args.seed, device=str(device), cases=str(cases_folder), methods=methods,
+        variants={v.name: {"align_mode": v.align_mode, "moving_average": v.moving_average, "loss": v.loss}
+                  for v in variants},
+        model={"path": str(package.root), "name": package.config["name"], "version": package.config.get("version")},
+        largest_component=not args.no_largest_component), indent=1), output / "settings.json")
+
+    clock = RunClock(len(entries))
+    results = []
+    for index, (case_id, image_path, label_path) in enumerate(entries, start=1):
+        events.emit("case", case=case_id, index=index, total=len(entries))
+        result = evaluate_case(case_id, image_path, label_path, lookup, organ_values, args.model, variants, base,
+                               output / "cases" / case_id, events, device, args.seed, not args.no_largest_component)
+        results.append(result)
+        clock.advance(1)
+        events.emit("progress", stage="evaluate", step=index, total=len(entries), loss=None, eta_s=clock.seconds_left(),
+                    case=case_id, failed=sorted(result.errors),
+                    mean_dice={method: rounded_or_none(result.dice(method, MEAN)) for method in methods})
+
+    metrics_path = write_csv(output / "metrics.csv", ["case", "method", "organ", "dice", "hd95_mm", "status", "error"],
+                             metrics_rows(results, methods, organs))
+    title = f"Evaluation of {package.config['name']} on {cases_folder.name}"
+    summary = summary_markdown(results, methods, organs, title)
+    summary_path = write_text_atomic(summary, output / "summary.md")
+    plot_path = dice_boxplot(results, methods, organs, output / "dice_boxplot.png")
+    failed_runs = sum(len(r.errors) for r in results)
+    events.emit("done", metrics=str(metrics_path), summary=str(summary_path), plot=str(plot_path),
+                failed_runs=failed_runs)
+    tell(events, f"\n{summary}\nFiles in {output}/: summary.md, metrics.csv, dice_boxplot.png, settings.json, cases/\n")
+    return EXIT_DONE

@@ -1,0 +1,35 @@
+"""Shared fixtures of the engine tests.
+
+Every test session gets its own empty ISSEG_CACHE (unpacked packages, the generated demo atlas),
+so a run never depends on what an earlier run or the developer's ~/.cache left behind. Worker
+subprocesses inherit it through the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isseg_cache(tmp_path_factory) -> Path:
+    """A fresh cache folder for the whole session, exported as ISSEG_CACHE."""
+    cache = tmp_path_factory.mktemp("isseg-cache")
+    previous = os.environ.get("ISSEG_CACHE")
+    os.environ["ISSEG_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("ISSEG_CACHE", None)
+    else:
+        os.environ["ISSEG_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def demo_package(isseg_cache) -> Path:
+    """The complete built-in demo package (its atlas generated into the session cache once)."""
+    from isseg.demo_model import demo_package_path
+
+    return demo_package_path()
+
