@@ -86,3 +86,39 @@ def run_worker(*arguments: str, timeout: float = 600) -> tuple[subprocess.Comple
     result = subprocess.run(worker_command(*arguments), capture_output=True, text=True, timeout=timeout,
                             env=dict(os.environ))
     return result, parse_events(result.stdout)
+
+
+class LiveWorker:
+    """A worker started with Popen whose events are read as they come (stderr goes to a file, so a
+    full pipe never blocks it). `events()` yields each event; the process is killed after `timeout` s."""
+
+    def __init__(self, *arguments: str, stderr_path, timeout: float = 600):
+        import threading
+
+        self.stderr_file = open(stderr_path, "w")
+        self.process = subprocess.Popen(worker_command(*arguments), stdout=subprocess.PIPE, stderr=self.stderr_file,
+                                        text=True, env=dict(os.environ))
+        self.stderr_path = stderr_path
+        self.watchdog = threading.Timer(timeout, self.process.kill)
+        self.watchdog.start()
+        self.received: list[dict] = []
+
+    def events(self):
+        for line in self.process.stdout:
+            if line.startswith("{"):
+                event = json.loads(line)
+                self.received.append(event)
+                yield event
+
+    def finish(self) -> int:
+        """Read the remaining events, wait for the exit; returns the exit code."""
+        for _ in self.events():
+            pass
+        code = self.process.wait()
+        self.watchdog.cancel()
+        self.stderr_file.close()
+        return code
+
+    def stderr(self) -> str:
+        with open(self.stderr_path) as stream:
+            return stream.read()[-3000:]

@@ -5,6 +5,7 @@ Small masks and tables built here; the reference data in ../shared is not needed
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -111,8 +112,9 @@ def test_case_plans_keep_patients_apart_and_are_seeded():
     assert [c["source"] for c in plan["test"]] == test
     seeds = [tuple(c["seed"]) for c in plan["train"] + plan["test"]]
     assert len(set(seeds)) == len(seeds) and all(s[0] == 7 for s in seeds)
-    quick = ra.headneck_case_plan(["a", "b", "c", "d"], ["e", "f"], ra.SCALES["quick"], seed=0)
-    assert len(quick["train"]) == 3 and len(quick["test"]) == 1
+    limited = ra.replace(scale, headneck_max_train_scans=3, headneck_max_test_scans=1)
+    plan = ra.headneck_case_plan(["a", "b", "c", "d"], ["e", "f"], limited, seed=0)
+    assert [c["source"] for c in plan["train"]] == ["a", "b", "c"] and len(plan["test"]) == 1
 
     abdomen = ra.abdomen_case_plan(scale, seed=1)
     assert len(abdomen["train"]) == scale.abdomen_train_cases
@@ -151,4 +153,52 @@ def test_write_csv_formats_floats(tmp_path):
 
 def test_outside_repository_or_ignored(tmp_path):
     assert ra.outside_repository_or_ignored(tmp_path)
+    if not (ra.REPO_ROOT / ".git").exists():
+        pytest.skip("not a git checkout: git cannot tell what is ignored")
     assert not ra.outside_repository_or_ignored(ra.REPO_ROOT / "benchmarks" / "results")
+
+
+def test_single_case_dataset_points_at_the_original_files(tmp_path):
+    source = tmp_path / "set"
+    (source / "imagesTr").mkdir(parents=True)
+    dataset = {"labels": {"0": "background", "1": "liver"}, "training": [
+        {"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"},
+        {"image": "./imagesTr/b.nii.gz", "label": "./labelsTr/b.nii.gz"}], "synthesis": {"a": {}, "b": {}}}
+    (source / "dataset.json").write_text(json.dumps(dataset))
+    out = ra.single_case_dataset(source / "dataset.json", 1, tmp_path / "one")
+    written = json.loads((out / "dataset.json").read_text())
+    assert written["labels"] == dataset["labels"]
+    assert written["training"] == [{"image": str(source.resolve() / "imagesTr" / "b.nii.gz"),
+                                    "label": str(source.resolve() / "labelsTr" / "b.nii.gz")}]
+
+
+def test_budget():
+    assert ra.Budget(None).allows(1e9)
+    budget = ra.Budget(1.0)
+    budget.end = ra.time.monotonic() + 100.0
+    assert budget.allows(50.0, reserve_s=40.0)
+    assert not budget.allows(50.0, reserve_s=60.0)
+
+
+def test_merge_evaluations_of_single_cases(tmp_path):
+    pytest.importorskip("isseg.evaluate")
+    header = "case,method,organ,dice,hd95_mm,status,error\n"
+    dirs = []
+    for case, (initial, isl) in {"c1": (0.80, 0.90), "c2": (0.70, 0.85), "c3": (0.75, 0.74)}.items():
+        folder = tmp_path / case
+        folder.mkdir()
+        (folder / "metrics.csv").write_text(
+            header + f"{case},initial,liver,{initial},5.0,ok,\n{case},initial,spleen,,,ok,\n"
+            f"{case},isl_mask,liver,{isl},3.0,ok,\n{case},isl_mask,spleen,,,ok,\n")
+        dirs.append(folder)
+    (tmp_path / "c3" / "metrics.csv").write_text(
+        (tmp_path / "c3" / "metrics.csv").read_text() + "c3,isl_intensity,,,,failed,out of memory\n")
+    ra.merge_evaluations(dirs, tmp_path / "merged", "Test", planned=4)
+    rows = ra.read_csv_rows(tmp_path / "merged" / "metrics.csv")
+    assert len(rows) == 13 and rows[0]["case"] == "c1" and rows[-1]["status"] == "failed"
+    summary = (tmp_path / "merged" / "summary.md").read_text()
+    assert "Wilcoxon" in summary and "3 of the 4 test cases" in summary
+    assert "out of memory" in summary
+    assert (tmp_path / "merged" / "dice_boxplot.png").stat().st_size > 0
+    table = ra.organ_variant_table(rows, "dice")
+    assert table["liver"]["isl_mask"] == [0.9, 0.85, 0.74] and "spleen" not in table

@@ -65,6 +65,8 @@ def test_progress_text():
     assert progress.describe() == "Refining" and progress.percent == 0
     progress.apply({"event": "snapshot", "index": 1, "path": "x", "step": 5})  # not a progress event
     assert progress.stage == "refine"
+    progress.apply({"event": "warning", "message": "Out of GPU memory: starting again with the CPU."})
+    assert progress.describe() == "Refining (Out of GPU memory: starting again with the CPU.)"
 
 
 def test_run_settings_become_worker_arguments():

@@ -90,9 +90,10 @@ class RunProgress:
     step: int = 0
     total: int = 0
     etaSeconds: Optional[float] = None
+    warning: Optional[str] = None
 
     def apply(self, event: dict) -> None:
-        """Update from one event; events other than `stage` and `progress` are ignored."""
+        """Update from one event; events other than `stage`, `progress` and `warning` are ignored."""
         kind = event.get("event")
         if kind == "stage":
             self.stage = event.get("stage")
@@ -103,6 +104,8 @@ class RunProgress:
             self.step, self.total = _number(event.get("step"), 0), _number(event.get("total"), 0)
             eta = event.get("eta_s")
             self.etaSeconds = float(eta) if isinstance(eta, (int, float)) else None
+        elif kind == "warning" and isinstance(event.get("message"), str):
+            self.warning = event["message"]
 
     @property
     def percent(self) -> int:
@@ -126,6 +129,8 @@ class RunProgress:
             text = _("{stage}: {percent}%").format(stage=text, percent=self.percent)
         if self.etaSeconds is not None:
             text = _("{progress}, {duration} left").format(progress=text, duration=_formatDuration(self.etaSeconds))
+        if self.warning:
+            text = _("{progress} ({warning})").format(progress=text, warning=self.warning)
         return text
 
 

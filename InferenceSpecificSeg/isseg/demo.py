@@ -37,6 +37,8 @@ from .reporting import format_number, markdown_table, rounded_or_none, tell, wri
 # Soft-tissue window (level 40 HU, width 400 HU) for showing CT slices.
 DISPLAY_WINDOW_HU = (-160.0, 240.0)
 VIEWS = ("axial", "coronal")
+ORGANS = [label["name"] for label in phantom.LABELS]
+MEAN = "mean"  # the mean over organs, next to the organs in tables
 
 
 def register(commands) -> None:
@@ -79,25 +81,14 @@ def command_demo(args) -> int:
     seconds.update(refine_report["seconds"])
 
     report_started = time.monotonic()
-    initial_path = shutil.copyfile(output / "refine" / "snapshot_0000.nrrd", output / "initial.nrrd")
-    refined_path = shutil.copyfile(result["labelmap"], output / "refined.nrrd")
+    mask_paths = {"initial": shutil.copyfile(output / "refine" / "snapshot_0000.nrrd", output / "initial.nrrd"),
+                  "refined": shutil.copyfile(result["labelmap"], output / "refined.nrrd")}
+    masks = {method: sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for method, path in mask_paths.items()}
     truth = sitk.GetArrayFromImage(case.labels)
-    masks = {"initial": sitk.GetArrayFromImage(sitk.ReadImage(str(initial_path))),
-             "refined": sitk.GetArrayFromImage(sitk.ReadImage(str(refined_path)))}
-    values = [label["value"] for label in phantom.LABELS]
-    dice = {method: dice_per_label(mask, truth, values) for method, mask in masks.items()}
-    mean_dice = {method: float(np.nanmean(scores)) for method, scores in dice.items()}
-
-    names = [label["name"] for label in phantom.LABELS] + ["mean"]
-    before = dice["initial"] + [mean_dice["initial"]]
-    after = dice["refined"] + [mean_dice["refined"]]
-    header = ["organ", "initial Dice", "refined Dice", "change"]
-    table = markdown_table(header, [[name, format_number(b), format_number(a), format_number(a - b, signed=True)]
-                                    for name, b, a in zip(names, before, after)])
-    write_text_atomic(table, output / "dice_table.md")
-    write_csv(output / "dice_table.csv", header, [[name, rounded_or_none(b), rounded_or_none(a), rounded_or_none(a - b)]
-                                                  for name, b, a in zip(names, before, after)])
-    figure_path = contour_figure(sitk.GetArrayFromImage(case.image), truth, masks, mean_dice,
+    dice = dice_by_organ(masks, truth)
+    table = write_dice_tables(dice, output)
+    figure_path = contour_figure(sitk.GetArrayFromImage(case.image), truth, masks,
+                                 {method: scores[MEAN] for method, scores in dice.items()},
                                  case.image, phantom.LABELS, output / "figure.png")
     seconds["report"] = time.monotonic() - report_started
     seconds["total"] = time.monotonic() - started
@@ -105,9 +96,8 @@ def command_demo(args) -> int:
     report = {
         "partial": result["partial"],
         "case": {"generator": "isseg.phantom.shifted_spec", "spec": dataclasses.asdict(spec)},
-        "dice": {name: {"initial": rounded_or_none(b), "refined": rounded_or_none(a)}
-                 for name, b, a in zip(names[:-1], before, after)},
-        "mean_dice": {method: rounded_or_none(value) for method, value in mean_dice.items()},
+        "dice": {organ: {method: rounded_or_none(dice[method][organ]) for method in dice} for organ in ORGANS},
+        "mean_dice": {method: rounded_or_none(dice[method][MEAN]) for method in dice},
         "seconds": {stage: round(value, 2) for stage, value in seconds.items()},
         "settings": settings_record(settings, seed=args.seed, device=refine_report["device"], model="demo",
                                     largest_component=not args.no_largest_component),
@@ -121,14 +111,39 @@ def command_demo(args) -> int:
     return EXIT_CANCELLED if result["partial"] else EXIT_DONE
 
 
+def dice_by_organ(masks: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per mask name, the Dice of each organ against the truth and their mean (key MEAN); all (z, y, x)
+    labelmaps in the values of phantom.LABELS on one grid. NaN for an organ in neither map."""
+    values = [label["value"] for label in phantom.LABELS]
+    dice = {}
+    for method, mask in masks.items():
+        scores = dict(zip(ORGANS, dice_per_label(mask, truth, values)))
+        dice[method] = {**scores, MEAN: float(np.nanmean(list(scores.values())))}
+    return dice
+
+
+def write_dice_tables(dice: dict[str, dict[str, float]], output: Path) -> str:
+    """Write dice_table.md and dice_table.csv (organ, initial, refined, change); returns the Markdown."""
+    header = ["organ", "initial Dice", "refined Dice", "change"]
+    rows = [(organ, dice["initial"][organ], dice["refined"][organ]) for organ in [*ORGANS, MEAN]]
+    table = markdown_table(header, [[organ, format_number(before), format_number(after),
+                                     format_number(after - before, signed=True)] for organ, before, after in rows])
+    write_text_atomic(table, output / "dice_table.md")
+    write_csv(output / "dice_table.csv", header, [[organ, rounded_or_none(before), rounded_or_none(after),
+                                                   rounded_or_none(after - before)] for organ, before, after in rows])
+    return table
+
+
 def summary_text(output: Path, spec: phantom.PhantomSpec, table: str, seconds: dict, partial: bool) -> str:
     """What the person who ran the demo reads at the end: the Dice table, the time, where the files are."""
     stages = ", ".join(f"{name.replace('_', ' ')} {value:.0f} s" for name, value in seconds.items() if name != "total")
+    trained = phantom.training_spec(spec.seed)
     heading = "Demo stopped early: the table shows the partial result." if partial else "Demo finished."
     return f"""
 {heading}
-Case: a phantom the demo model has not seen ({spec.phase} phase, noise {spec.noise_hu:.0f} HU, anatomy varied
-{spec.anatomy_jitter:.1f}x, field of view shifted), seed {spec.seed}.
+Case: a phantom unlike the demo model's training data (seed {spec.seed}): {spec.phase} contrast phase instead of
+{trained.phase}, noise {spec.noise_hu:.0f} HU instead of {trained.noise_hu:.0f}, {spec.anatomy_jitter / trained.anatomy_jitter:.1f} times the anatomical variation, field of
+view shifted by ({", ".join(f"{v:.0f}" for v in spec.fov_shift_mm)}) mm.
 
 Dice against the true organs, before and after inference-specific learning:
 
@@ -170,6 +185,19 @@ def _extent(image: sitk.Image, view: str) -> list[float]:
     return [0, width, size[1] * spacing[1], 0] if view == "axial" else [0, width, 0, size[2] * spacing[2]]
 
 
+def _body_limits(ct: np.ndarray, image: sitk.Image, margin_mm: float = 10.0) -> dict[str, tuple[float, float]]:
+    """Shown range (mm, in the coordinates of `_extent`) along x, y and z: the body (above -500 HU) plus a
+    margin, so that a shifted field of view does not leave half of each panel black."""
+    body = ct > -500
+    limits = {}
+    for name, axis, other_axes in (("x", 2, (0, 1)), ("y", 1, (0, 2)), ("z", 0, (1, 2))):
+        spacing, size = image.GetSpacing()[2 - axis], ct.shape[axis]
+        inside = np.flatnonzero(body.any(axis=other_axes))
+        first, last = (inside[0], inside[-1] + 1) if len(inside) else (0, size)
+        limits[name] = (max(0.0, first * spacing - margin_mm), min(size * spacing, last * spacing + margin_mm))
+    return limits
+
+
 def contour_figure(ct: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarray], mean_dice: dict[str, float],
                    image: sitk.Image, labels: list[dict], path: Path) -> Path:
     """PNG with one column per mask (initial, refined) and one row per view (axial, coronal): the CT in
@@ -184,31 +212,36 @@ def contour_figure(ct: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarra
     from matplotlib.lines import Line2D
 
     indices = representative_slices(truth)
-    extents = {view: _extent(image, view) for view in VIEWS}
-    heights = [abs(extents[view][2] - extents[view][3]) for view in VIEWS]
-    figure, axes = plt.subplots(2, len(masks), figsize=(5 * len(masks), 5 * sum(heights) / extents["axial"][1] + 1.3),
+    limits = _body_limits(ct, image)
+    # (horizontal, vertical) limits of each view; the axial vertical axis points down (anterior up).
+    view_limits = {"axial": (limits["x"], limits["y"][::-1]), "coronal": (limits["x"], limits["z"])}
+    width = limits["x"][1] - limits["x"][0]
+    heights = [abs(vertical[1] - vertical[0]) for _, vertical in view_limits.values()]
+    figure, axes = plt.subplots(2, len(masks), figsize=(5 * len(masks), 5 * sum(heights) / width + 1.3),
                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
     for column, (method, mask) in enumerate(masks.items()):
         for row, view in enumerate(VIEWS):
-            ax, extent, index = axes[row, column], extents[view], indices[view]
+            ax, extent, index = axes[row, column], _extent(image, view), indices[view]
             origin = "upper" if view == "axial" else "lower"
             ax.imshow(_slice(ct, view, index), cmap="gray", vmin=DISPLAY_WINDOW_HU[0], vmax=DISPLAY_WINDOW_HU[1],
                       extent=extent, origin=origin, interpolation="bilinear")
-            ax.set_axis_off()
             for label in labels:
-                for labelmap, color, style, width in ((truth, "white", "dashed", 1.0),
-                                                      (mask, label["color"], "solid", 1.6)):
+                for labelmap, color, style, line_width in ((truth, "white", "dashed", 1.0),
+                                                           (mask, label["color"], "solid", 1.6)):
                     region = (_slice(labelmap, view, index) == label["value"]).astype(float)
                     if region.any():
-                        ax.contour(region, levels=[0.5], colors=[color], linestyles=style, linewidths=width,
+                        ax.contour(region, levels=[0.5], colors=[color], linestyles=style, linewidths=line_width,
                                    extent=extent, origin=origin)
+            ax.set_xlim(*view_limits[view][0])
+            ax.set_ylim(*view_limits[view][1])
+            ax.set_axis_off()
             if row == 0:
                 ax.set_title(f"{method} mask (mean Dice {mean_dice[method]:.3f})", fontsize=12)
             ax.text(0.01, 0.99, f"{view} slice {index}", transform=ax.transAxes, color="white", fontsize=9,
                     va="top", ha="left")
     handles = [Line2D([], [], color=label["color"], linewidth=2.5, label=label["name"].replace("_", " "))
                for label in labels]
-    handles.append(Line2D([], [], color="black", linestyle="dashed", linewidth=1.0, label="true outline"))
+    handles.append(Line2D([], [], color="0.5", linestyle="dashed", linewidth=1.0, label="truth (white, dashed)"))
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=10)
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=110)

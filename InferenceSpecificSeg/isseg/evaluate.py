@@ -77,6 +77,10 @@ VARIANTS = {variant.name: variant for variant in (
     Variant("isl_mask_region_loss", "mask", True, "region_tversky", "adaptive region-specific Tversky + CE loss"),
 )}
 BASELINES = ("initial", "registration")
+BASELINE_DESCRIPTIONS = {
+    "initial": "the model's own segmentation, before any refinement",
+    "registration": "majority vote of the atlas labels aligned to the initial mask, no fine-tuning",
+}
 REFERENCE_METHOD = "initial"
 MEAN = "mean"  # the per-case mean over organs, shown next to the organs
 
@@ -101,12 +105,16 @@ class CaseResult:
 
 
 class TaggedEvents:
-    """Passes events on to an EventWriter with fixed extra fields (the case and method of a run)."""
+    """Passes a run's events on to an EventWriter with fixed extra fields (the case and method of the run).
+    In a terminal the runs' snapshot and done events are left out: with dozens of runs they would bury
+    the progress bars."""
 
     def __init__(self, events: EventWriter, **tags):
         self.events, self.tags = events, tags
 
     def emit(self, event: str, **fields) -> None:
+        if event in ("snapshot", "done") and self.events.mode == "bar":
+            return
         self.events.emit(event, **self.tags, **fields)
 
 
@@ -290,12 +298,23 @@ def summary_markdown(results: list[CaseResult], methods: list[str], organs: list
         p_values = [paired_wilcoxon([r.dice(method, o) for r in results], [r.dice(REFERENCE_METHOD, o) for r in results])
                     for o in columns]
         p_rows.append([method, *(format_number(p, 4) for p in p_values)])
-    failures = [[r.case_id, method, r.errors[method].replace("|", "/").replace("\n", " ")]
-                for r in results for method in methods if method in r.errors]
+    failures = []  # (case, methods, error): a case that could not be read fails all methods with one error
+    for result in results:
+        methods_by_error: dict[str, list[str]] = {}
+        for method in methods:
+            if method in result.errors:
+                methods_by_error.setdefault(result.errors[method], []).append(method)
+        failures += [[result.case_id, ", ".join(failed), error.replace("|", "/").replace("\n", " ")]
+                     for error, failed in methods_by_error.items()]
     header = ["method", "cases", *(c.replace("_", " ") for c in columns)]
+    descriptions = {**BASELINE_DESCRIPTIONS, **{name: variant.description for name, variant in VARIANTS.items()}}
+    method_list = "\n".join(f"- {method}: {descriptions[method]}" for method in methods)
     text = f"""# {title}
 
-{len(results)} cases; per-case values in metrics.csv, settings in settings.json.
+{len(results)} cases; per-case values in metrics.csv, settings in settings.json. Methods:
+
+{method_list}
+
 "mean" is the mean over organs within a case; values are mean ± SD over the cases where the method ran.
 
 ## Dice
@@ -312,7 +331,7 @@ Two-sided, paired over cases, on Dice (the mean over organs, and per organ).
 ## Failed runs
 
 """
-    text += markdown_table(["case", "method", "error"], failures) if failures else "None.\n"
+    text += markdown_table(["case", "methods", "error"], failures) if failures else "None.\n"
     return text
 
 
@@ -328,10 +347,10 @@ def dice_boxplot(results: list[CaseResult], methods: list[str], organs: list[str
     panel_columns = min(4, len(columns))
     panel_rows = math.ceil(len(columns) / panel_columns)
     figure, axes = plt.subplots(panel_rows, panel_columns, figsize=(3.6 * panel_columns, 3.6 * panel_rows + 0.6),
-                                squeeze=False, sharey=True)
+                                squeeze=False)
     colors = plt.get_cmap("tab10").colors
     jitter = np.random.default_rng(0)
-    for ax, organ in zip(axes.flat, columns):
+    for panel, (ax, organ) in enumerate(zip(axes.flat, columns)):
         data = [[d for d in (r.dice(m, organ) for r in results) if not math.isnan(d)] for m in methods]
         positions = np.arange(1, len(methods) + 1)
         boxes = ax.boxplot([values or [math.nan] for values in data], positions=positions, widths=0.6,
@@ -343,11 +362,13 @@ def dice_boxplot(results: list[CaseResult], methods: list[str], organs: list[str
         ax.set_title(organ.replace("_", " ") if organ != MEAN else "mean over organs", fontsize=11)
         ax.set_xticks(positions, [m.replace("_", " ") for m in methods], rotation=40, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("Dice")
+        if panel % panel_columns == 0:
+            ax.set_ylabel("Dice")
     for ax in list(axes.flat)[len(columns):]:
         ax.set_axis_off()
-    figure.suptitle(f"Dice per method over {len(results)} cases", fontsize=13)
+    failed = sum(len(r.errors) for r in results)
+    figure.suptitle(f"Dice per method, {len(results)} cases" + (f" ({failed} failed runs left out)" if failed else ""),
+                    fontsize=13)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -363,8 +384,9 @@ def register(commands) -> None:
     parser.add_argument("--cases", required=True, help="folder with dataset.json and the images and labels it lists")
     parser.add_argument("--model", required=True, help="model package folder or .zip, or 'demo'")
     parser.add_argument("--output", required=True, help="output folder (created if needed)")
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS),
-                        help="inference-specific learning variants to run (default: all). Each sets the alignment "
+    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), metavar="NAME",
+                        help=f"inference-specific learning variants to run: {', '.join(VARIANTS)} (default: all). "
+                             "Each sets the alignment "
                              "mode, moving average and loss itself, so --align-mode, --no-moving-average and --loss "
                              "do not apply here")
     parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto",
@@ -400,7 +422,10 @@ def command_evaluate(args) -> int:
     clock = RunClock(len(entries))
     results = []
     for index, (case_id, image_path, label_path) in enumerate(entries, start=1):
-        events.emit("case", case=case_id, index=index, total=len(entries))
+        if events.mode == "bar":
+            tell(events, f"\nCase {index} of {len(entries)}: {case_id}")
+        else:
+            events.emit("case", case=case_id, index=index, total=len(entries))
         result = evaluate_case(case_id, image_path, label_path, lookup, organ_values, args.model, variants, base,
                                output / "cases" / case_id, events, device, args.seed, not args.no_largest_component)
         results.append(result)

@@ -87,10 +87,13 @@ def check_ct_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
         raise BadInputError(
             f"'{name}' is empty (every voxel is {low:g}). Select the CT volume that holds the patient."
         )
-    if high - low < 50 or high < -200 or low > 500 or high - low > 20000:
+    # A CT in HU has air (about -1000) around or inside the patient, or padding below it; MR and
+    # other images start at 0 and would give a confident but meaningless segmentation.
+    if high - low < 50 or low > -300 or high < -200 or high - low > 20000:
         raise BadInputError(
             f"'{name}' has values from {low:g} to {high:g}, which do not look like CT Hounsfield units "
-            "(air about -1000, soft tissue 0 to 100). Select a CT volume in HU."
+            "(air about -1000, soft tissue 0 to 100). Select a CT volume in HU; if it is a CT, check "
+            "that the rescale slope and intercept were applied when it was loaded."
         )
     return sitk.Cast(image, sitk.sitkFloat32)
 

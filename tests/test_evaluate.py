@@ -1,0 +1,131 @@
+"""`isseg evaluate`: the scores and the statistics on hand-made examples, and one small run end to end
+(two phantom cases, two variants, a corrupt case that must show up as failed)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from isseg import cli, phantom
+from isseg.evaluate import BASELINES, CaseResult, paired_wilcoxon, score, summary_markdown
+from isseg.events import EventWriter
+from isseg.train import TrainSettings, train_package
+
+PHANTOM_SIZE, PHANTOM_SPACING = (48, 48, 32), (8.0, 8.0, 8.0)
+ORGANS = {1: "liver", 2: "spleen"}
+
+
+def test_dice_is_one_for_identical_masks_and_zero_for_disjoint_ones():
+    truth = np.zeros((6, 8, 8), dtype=np.uint8)
+    truth[1:4, 1:4, 1:4] = 1
+    disjoint = np.zeros_like(truth)
+    disjoint[1:4, 5:8, 5:8] = 1
+    spacing = (2.0, 1.0, 1.0)
+
+    assert score(truth, truth, ORGANS, spacing)["liver"] == (1.0, 0.0)
+    dice, hd95 = score(disjoint, truth, ORGANS, spacing)["liver"]
+    assert dice == 0.0 and hd95 > 0
+    spleen_dice, spleen_hd95 = score(truth, truth, ORGANS, spacing)["spleen"]  # in neither mask: no score
+    assert math.isnan(spleen_dice) and math.isnan(spleen_hd95)
+
+
+def test_wilcoxon_p_values_match_the_exact_distribution():
+    baseline = [0.70, 0.72, 0.75, 0.80, 0.81, 0.90]
+    # n = 6, all differences positive: W- = 0, the most extreme of 2^6 equally likely sign patterns
+    # on either side, so the exact two-sided p = 2 / 64.
+    improved = [b + d for b, d in zip(baseline, [0.01, 0.02, 0.03, 0.04, 0.05, 0.06])]
+    assert paired_wilcoxon(improved, baseline) == pytest.approx(2 / 64)
+    # Differences ranked 1..6 with rank 4 negative: W- = 4. Sign patterns with a negative rank sum
+    # <= 4: {}, {1}, {2}, {3}, {1,2}, {4}, {1,3} = 7 of 64, so two-sided p = 14 / 64.
+    mixed = [b + d for b, d in zip(baseline, [0.01, 0.02, 0.03, -0.04, 0.05, 0.06])]
+    assert paired_wilcoxon(mixed, baseline) == pytest.approx(14 / 64)
+    # Pairs with a missing score are left out; identical methods give no evidence of a difference.
+    assert paired_wilcoxon(improved + [math.nan], baseline + [0.5]) == pytest.approx(2 / 64)
+    assert paired_wilcoxon(baseline, baseline) == 1.0
+    assert math.isnan(paired_wilcoxon([math.nan], [0.5]))
+
+
+def test_summary_reports_mean_sd_p_values_and_failures():
+    results = []
+    for case, gain in enumerate([0.01, 0.02, 0.03, 0.04, 0.05, 0.06]):
+        result = CaseResult(f"case{case}")
+        result.scores["initial"] = {"liver": (0.8, 10.0), "spleen": (0.6, 20.0)}
+        result.scores["isl_mask"] = {"liver": (0.8 + gain, 9.0), "spleen": (0.6 + gain, 18.0)}
+        result.errors["registration"] = "Out of memory | retry"
+        results.append(result)
+
+    text = summary_markdown(results, ["initial", "registration", "isl_mask"], ["liver", "spleen"], "Test")
+    assert "| initial | 6 | 0.800 | 0.600 | 0.700 |" in text.replace(" ± 0.000", "")
+    assert "| isl_mask | 6 | 0.835 ± 0.019 | 0.635 ± 0.019 | 0.735 ± 0.019 |" in text
+    assert "| isl_mask | 0.0312 | 0.0312 | 0.0312 |" in text
+    assert all(f"| case{case} | registration | Out of memory / retry |" in text for case in range(6))
+
+
+@pytest.fixture(scope="module")
+def tiny_package(tmp_path_factory):
+    """A package trained for a few steps on 3 small phantoms (2 of them become its atlas)."""
+    specs = [phantom.training_spec(seed, size=PHANTOM_SIZE, spacing=PHANTOM_SPACING) for seed in range(3)]
+    dataset = phantom.write_msd_dataset(tmp_path_factory.mktemp("train"), specs)
+    settings = TrainSettings(spacing=PHANTOM_SPACING, patch_size=(32, 32, 16), channels=(4, 8, 16), steps=15,
+                             evaluate_every=15, learning_rate=3e-3)
+    return train_package(dataset, tmp_path_factory.mktemp("package") / "tiny", settings,
+                         EventWriter(io.StringIO(), mode="json"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Two shifted phantoms and a third case whose image file is corrupt."""
+    specs = [phantom.shifted_spec(seed, size=PHANTOM_SIZE, spacing=PHANTOM_SPACING) for seed in (20, 21)]
+    folder = phantom.write_msd_dataset(tmp_path_factory.mktemp("cases"), specs)
+    (folder / "imagesTr" / "corrupt.nii.gz").write_bytes(b"not an image")
+    (folder / "labelsTr" / "corrupt.nii.gz").write_bytes((folder / "labelsTr" / "phantom_020.nii.gz").read_bytes())
+    description = json.loads((folder / "dataset.json").read_text())
+    description["training"].append({"image": "./imagesTr/corrupt.nii.gz", "label": "./labelsTr/corrupt.nii.gz"})
+    (folder / "dataset.json").write_text(json.dumps(description))
+    return folder
+
+
+def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(tiny_package, cases, tmp_path, capsys):
+    output = tmp_path / "evaluation"
+    variants = ["isl_mask", "isl_mask_last_iterate"]
+    exit_code = cli.main(["evaluate", "--cases", str(cases), "--model", str(tiny_package), "--output", str(output),
+                          "--variants", *variants, "--steps", "4", "--update-every", "2", "--rounds", "1",
+                          "--align-iterations", "5", "--seed", "3", "--progress", "json"])
+    assert exit_code == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    methods = [*BASELINES, *variants]
+
+    with open(output / "metrics.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    for case in ("phantom_020", "phantom_021"):
+        case_rows = [row for row in rows if row["case"] == case]
+        assert {(row["method"], row["organ"]) for row in case_rows} == \
+               {(method, label["name"]) for method in methods for label in phantom.LABELS}
+        assert all(row["status"] == "ok" and 0 <= float(row["dice"]) <= 1 for row in case_rows)
+    failed = [row for row in rows if row["case"] == "corrupt"]
+    assert sorted(row["method"] for row in failed) == sorted(methods)
+    assert all(row["status"] == "failed" and "corrupt.nii.gz" in row["error"] for row in failed)
+
+    summary = (output / "summary.md").read_text()
+    for heading in ("## Dice", "## HD95 (mm)", "## Wilcoxon signed-rank p-values", "## Failed runs"):
+        assert heading in summary
+    assert all(f"| {method} | 2 |" in summary for method in methods)
+    assert "| corrupt | initial, registration, isl_mask, isl_mask_last_iterate |" in summary
+    assert (output / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    settings = json.loads((output / "settings.json").read_text())
+    assert settings["seed"] == 3 and settings["methods"] == methods
+    assert settings["variants"]["isl_mask_last_iterate"]["moving_average"] is False
+    for method in ("registration", *variants):
+        run_settings = json.loads((output / "cases" / "phantom_020" / method / "settings.json").read_text())
+        assert run_settings["seed"] == 3
+    assert (output / "cases" / "phantom_020" / "registration" / "labelmap.nrrd").is_file()
+
+    assert events[-1]["event"] == "done" and events[-1]["failed_runs"] == len(methods)
+    run_events = [event for event in events if event.get("method") == "isl_mask" and event.get("case") == "phantom_021"]
+    assert run_events[0]["stage"] == "initial" and run_events[-1]["event"] == "done"
