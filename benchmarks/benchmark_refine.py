@@ -37,7 +37,7 @@ from isseg.refinement import RefineSettings
 
 
 def resident_bytes() -> int:
-    with open("/proc/self/statm") as stream:
+    with open("/proc/self/statm", encoding="utf-8") as stream:
         return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

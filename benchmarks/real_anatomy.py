@@ -283,14 +283,14 @@ def abdomen_case_plan(scale: Scale, seed: int) -> dict[str, list[dict]]:
 
 
 def read_csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         return list(csv.DictReader(stream))
 
 
 def write_csv(rows: Sequence[Mapping], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as stream:
+    with open(path, "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=fields)
         writer.writeheader()
         for row in rows:
@@ -329,16 +329,16 @@ def run_logged(command: Sequence[str], log_path: Path, echo: Iterable[str] = ())
     say("$ " + shlex.join(command))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     echo = tuple(echo)
-    with open(log_path, "w") as log:
+    with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env=engine_env(), cwd=REPO_ROOT)
+                                   env=engine_env(), cwd=REPO_ROOT, encoding="utf-8")
         for line in process.stdout:
             log.write(line)
             if any(key in line for key in echo):
                 print("    " + line.rstrip()[:300], flush=True)
         code = process.wait()
     if code != 0:
-        tail = log_path.read_text().splitlines()[-30:]
+        tail = log_path.read_text(encoding="utf-8").splitlines()[-30:]
         raise RuntimeError(f"command failed with exit code {code} (log {log_path}):\n" + "\n".join(tail))
 
 
@@ -379,12 +379,12 @@ class Steps:
         return False
 
     def mark(self, name: str, seconds: float) -> None:
-        (self.dir / name).write_text(f"{seconds:.1f}\n")
+        (self.dir / name).write_text(f"{seconds:.1f}\n", encoding="utf-8")
 
     def seconds(self) -> dict[str, float]:
         """Seconds of every step done so far (also those of an earlier, interrupted run)."""
         marks = sorted(self.dir.iterdir(), key=lambda p: p.stat().st_mtime)
-        return {p.name: float(p.read_text()) for p in marks if not self.force}
+        return {p.name: float(p.read_text(encoding="utf-8")) for p in marks if not self.force}
 
 
 # --------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def prepare(args) -> Path:
                          "use a folder outside it, or an ignored one such as runs/")
     manifest_path = bundle / "manifest.json"
     if manifest_path.exists() and not args.force:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if manifest.get("seed") == args.seed:
             say(f"bundle {bundle} exists (seed {args.seed}); reusing it (--force to rebuild)")
             return bundle
@@ -481,7 +481,7 @@ def prepare(args) -> Path:
                             "real_ct": "wasserth/TotalSegmentator test files (Apache-2.0); labels are "
                                        "TotalSegmentator predictions"},
                 "data_dir": str(data_dir)}
-    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     say(f"prepare done in {time.monotonic() - started:.0f} s: bundle {bundle} ({size / 2**20:.1f} MiB)")
     return bundle
@@ -497,7 +497,7 @@ def write_interobserver_results(rows: list[dict], results: Path, test_scans: Seq
             f"range) are left out. 'small': median oncologist volume below {SMALL_ORGAN_ML:g} ml; such "
             "organs are a few voxels at the model spacing and their Dice is noisy.\n\n"
             + interobserver_markdown(summary))
-    (results / "headneck_interobserver.md").write_text(text)
+    (results / "headneck_interobserver.md").write_text(text, encoding="utf-8")
     say(f"wrote {results / 'headneck_interobserver.md'}")
 
 
@@ -523,7 +523,7 @@ def _synth_job(job: dict) -> dict:
         tissue_hu, phases, target = (sct.HEADNECK_TISSUE_HU, sct.HEADNECK_ENHANCEMENT_HU,
                                      {v: v for v in sct.HEADNECK_LABEL.values()})
     else:
-        tissue_hu = {int(k): v for k, v in json.loads(Path(job["tissue_hu"]).read_text()).items()}
+        tissue_hu = {int(k): v for k, v in json.loads(Path(job["tissue_hu"]).read_text(encoding="utf-8")).items()}
         phases = sct.ICRP_ENHANCEMENT_HU
         target = {i: value for value, (_, ids) in sct.ICRP_ABDOMEN_LABELS.items() for i in ids}
     image, labels = sct.make_case(tissues, tissue_hu, phases, target, settings, rng)
@@ -560,7 +560,7 @@ def synthesise_all(args, scale: Scale, bundle: Path, work: Path, manifest: dict,
     if "headneck" in parts:
         plan = headneck_case_plan(manifest["headneck_train_scans"], manifest["headneck_test_scans"], scale,
                                   args.seed)
-        (work / "headneck_plan.json").write_text(json.dumps(plan, indent=1))
+        (work / "headneck_plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
         for split, distribution in (("train", HEADNECK_TRAIN), ("test", HEADNECK_TEST)):
             jobs[("headneck", split)] = [
                 {**case, "dataset": "headneck", "tissues": str(bundle / "headneck_tissues" / f"{case['source']}.nii.gz"),
@@ -572,9 +572,9 @@ def synthesise_all(args, scale: Scale, bundle: Path, work: Path, manifest: dict,
         tissues_path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteImage(sct.icrp_abdomen_tissues(bundle / "icrp110", scale.abdomen_spacing), str(tissues_path),
                         useCompression=True)
-        hu_path.write_text(json.dumps({str(k): v for k, v in sct.icrp_tissue_hu(bundle / "icrp110").items()}))
+        hu_path.write_text(json.dumps({str(k): v for k, v in sct.icrp_tissue_hu(bundle / "icrp110").items()}), encoding="utf-8")
         plan = abdomen_case_plan(scale, args.seed)
-        (work / "abdomen_plan.json").write_text(json.dumps(plan, indent=1))
+        (work / "abdomen_plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
         for split, distribution in (("train", ABDOMEN_TRAIN), ("test", ABDOMEN_TEST)):
             jobs[("abdomen", split)] = [
                 {**case, "dataset": "abdomen", "tissues": str(tissues_path), "tissue_hu": str(hu_path),
@@ -624,12 +624,12 @@ class Budget:
 
 def single_case_dataset(dataset_json: Path, case_index: int, out: Path) -> Path:
     """An MSD folder (dataset.json only, absolute paths) holding one case of another dataset."""
-    dataset = json.loads(dataset_json.read_text())
+    dataset = json.loads(dataset_json.read_text(encoding="utf-8"))
     entry = dataset["training"][case_index]
     absolute = {key: str((dataset_json.parent / entry[key]).resolve()) for key in ("image", "label")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataset.json").write_text(json.dumps({**dataset, "training": [absolute], "numTraining": 1,
-                                                  "synthesis": {}}, indent=1))
+                                                  "synthesis": {}}, indent=1), encoding="utf-8")
     return out
 
 
@@ -639,7 +639,7 @@ def evaluate(args, scale: Scale, dataset: str, work: Path, package: Path, steps:
     stop between cases; the per-case results are then merged into one metrics.csv, summary.md and box
     plot with the engine's own functions. Returns the merged folder."""
     test_json = work / "data" / f"{dataset}_test" / "dataset.json"
-    entries = json.loads(test_json.read_text())["training"]
+    entries = json.loads(test_json.read_text(encoding="utf-8"))["training"]
     output = work / "evaluate" / dataset
     durations, done, skipped = [], [], []
     for index, entry in enumerate(entries):
@@ -678,12 +678,12 @@ def merge_evaluations(case_dirs: Sequence[Path], output: Path, title: str, plann
     `isseg evaluate` folders, made with isseg.evaluate's own functions."""
     rows, header = [], None
     for case_dir in case_dirs:
-        with open(case_dir / "metrics.csv", newline="") as stream:
+        with open(case_dir / "metrics.csv", newline="", encoding="utf-8") as stream:
             reader = csv.reader(stream)
             header = next(reader)
             rows += list(reader)
     output.mkdir(parents=True, exist_ok=True)
-    with open(output / "metrics.csv", "w", newline="") as stream:
+    with open(output / "metrics.csv", "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
@@ -706,12 +706,12 @@ def merge_evaluations(case_dirs: Sequence[Path], output: Path, title: str, plann
                     number(record["dice"]), number(record["hd95_mm"]))
         methods = list(dict.fromkeys(r["method"] for r in records))
         organs = list(dict.fromkeys(r["organ"] for r in records if r.get("organ")))
-        (output / "summary.md").write_text(summary_markdown(list(results.values()), methods, organs, title) + note)
+        (output / "summary.md").write_text(summary_markdown(list(results.values()), methods, organs, title) + note, encoding="utf-8")
         dice_boxplot(list(results.values()), methods, organs, output / "dice_boxplot.png")
     except Exception as error:  # the engine's report functions changed: keep metrics.csv, say so
         say(f"  could not make the evaluate summary and plot ({type(error).__name__}: {error}); "
             "metrics.csv is complete")
-        (output / "summary.md").write_text(f"# {title}\n\nSummary not made: {error}\n{note}")
+        (output / "summary.md").write_text(f"# {title}\n\nSummary not made: {error}\n{note}", encoding="utf-8")
 
 
 # --------------------------------------------------------------------------
@@ -832,7 +832,7 @@ def write_dataset_summary(dataset: str, evaluate_dir: Path, results: Path, scale
                   "\n".join(lines) + "\n",
                   "\nThe models are trained and scored on oncologist contours; the inter-observer Dice is "
                   "on the native ~1 x 1 x 2.5 mm grid, the models' on the synthetic test grid.\n"]
-    (results / f"{dataset}_summary.md").write_text("\n".join(parts))
+    (results / f"{dataset}_summary.md").write_text("\n".join(parts), encoding="utf-8")
     say(f"wrote {results / f'{dataset}_summary.md'}")
 
 
@@ -918,7 +918,7 @@ def real_ct_check(args, scale: Scale, bundle: Path, work: Path, results: Path) -
     reference = sitk.Resample(sitk.ReadImage(str(real / "labels_totalsegmentator.nii.gz")), image,
                               sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
     reference = sitk.GetArrayFromImage(reference)
-    classes = json.loads((real / "totalsegmentator_total_classes.json").read_text())
+    classes = json.loads((real / "totalsegmentator_total_classes.json").read_text(encoding="utf-8"))
     names = {label["value"]: label["name"] for label in model_package.load(package, check_atlas=False).labels}
     mapping = totalseg_mapping(names, classes)
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
@@ -954,7 +954,7 @@ def real_ct_check(args, scale: Scale, bundle: Path, work: Path, results: Path) -
     if absent:
         lines.append(f"\nNot in the reference on these slices (Dice undefined; predicted volume = false "
                      f"positives): {', '.join(absent)}.")
-    (results / "real_ct.md").write_text("\n".join(lines) + "\n")
+    (results / "real_ct.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     say(f"wrote {results / 'real_ct.md'}")
     timing["dataset"] = "real CT (abdomen model)"
     return timing
@@ -1000,7 +1000,7 @@ def speed_tables(timings: list[dict], evaluate_dirs: Mapping[str, Path], results
         per_variant: dict[str, dict[str, list[float]]] = {}
         for report in directory.rglob("report.json"):
             try:
-                seconds = json.loads(report.read_text())["seconds"]
+                seconds = json.loads(report.read_text(encoding="utf-8"))["seconds"]
             except (OSError, ValueError, KeyError):
                 continue
             variant = report.parent.name  # cases/CASE/METHOD/report.json
@@ -1018,7 +1018,7 @@ def speed_tables(timings: list[dict], evaluate_dirs: Mapping[str, Path], results
     if not rows:
         lines.insert(3, "No timed runs were made (skipped for the time budget, or the models are missing).\n")
     write_csv(rows, results / "speed.csv")
-    (results / "speed.md").write_text("\n".join(lines) + "\n")
+    (results / "speed.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     say(f"wrote {results / 'speed.md'}")
 
 
@@ -1045,7 +1045,7 @@ def run(args) -> int:
     if not (bundle / "manifest.json").exists():
         print(f"error: no bundle at {bundle}; run `prepare` first (it needs ../shared/data)", file=sys.stderr)
         return 2
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     parts = set(args.parts)
     work.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
@@ -1053,10 +1053,10 @@ def run(args) -> int:
     say(f"run: scale {scale.name}, device {args.device}, seed {args.seed}, parts {sorted(parts)}")
     say(f"bundle {bundle}; work {work}; results {results}")
     (work / "settings.json").write_text(json.dumps({"scale": asdict(scale), "args": {
-        k: str(v) for k, v in vars(args).items() if k != "handler"}}, indent=1))
+        k: str(v) for k, v in vars(args).items() if k != "handler"}}, indent=1), encoding="utf-8")
 
     timings_path = work / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = json.loads(timings_path.read_text(encoding="utf-8")) if timings_path.exists() else {}
     stage_seconds = steps.seconds()
     lock = threading.Lock()
 
@@ -1094,7 +1094,7 @@ def run(args) -> int:
     def save_timing(key: str, value: dict) -> None:
         with lock:
             timings[key] = value
-            timings_path.write_text(json.dumps(timings, indent=1))
+            timings_path.write_text(json.dumps(timings, indent=1), encoding="utf-8")
 
     # One chain per data set: train, evaluate (and for the abdomen the real-CT check). The heavy work
     # runs in subprocesses that leave most of the GPU and CPU idle, so by default both chains run at
@@ -1209,7 +1209,7 @@ def write_index(results: Path, scale: Scale, args, stage_seconds: Mapping[str, f
              f"and neck), {scale.abdomen_train_steps} steps, patch {scale.abdomen_patch} (abdomen), channels "
              f"{scale.train_channels}. Refinement options: `{' '.join(scale.refine_options) or 'defaults'}`.",
              ]
-    (results / "README.md").write_text("\n".join(lines) + "\n")
+    (results / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -937,7 +937,7 @@ def write_msd_dataset_json(out_dir: Path, name: str, description: str,
     }
     path = Path(out_dir) / "dataset.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataset, indent=2) + "\n")
+    path.write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
     return path
 
 

@@ -36,14 +36,14 @@ def main() -> None:
         train_package(dataset, package, settings, EventWriter(mode="bar"), args.device, name="Abdominal phantom demo",
                       description="Small UNet trained on procedural abdominal CT phantoms (portal venous phase). "
                                   "For trying InferenceSpecificSeg only: not for clinical use.")
-        config = json.loads((package / "model.json").read_text())
+        config = json.loads((package / "model.json").read_text(encoding="utf-8"))
         train_ids = config["training"]["train_cases"]
         config["demo_atlas"] = {"generator": "isseg.phantom.training_spec", "seeds": [int(i.split("_")[1]) for i in train_ids]}
         config.pop("atlas", None)
         config["license"] = "Apache-2.0"
         TARGET.mkdir(parents=True, exist_ok=True)
         shutil.copy2(package / "model.safetensors", TARGET / "model.safetensors")
-        (TARGET / "model.json").write_text(json.dumps(config, indent=1))
+        (TARGET / "model.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
     print(f"\nDemo model written to {TARGET}")
 
 

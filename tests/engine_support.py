@@ -84,7 +84,7 @@ def worker_command(*arguments: str) -> list[str]:
 def run_worker(*arguments: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, list[dict]]:
     """Run `python -m isseg.cli <arguments>` to the end; returns the finished process and its events."""
     result = subprocess.run(worker_command(*arguments), capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ))
+                            env=dict(os.environ), encoding="utf-8")
     return result, parse_events(result.stdout)
 
 
@@ -95,9 +95,9 @@ class LiveWorker:
     def __init__(self, *arguments: str, stderr_path, timeout: float = 600):
         import threading
 
-        self.stderr_file = open(stderr_path, "w")
+        self.stderr_file = open(stderr_path, "w", encoding="utf-8")
         self.process = subprocess.Popen(worker_command(*arguments), stdout=subprocess.PIPE, stderr=self.stderr_file,
-                                        text=True, env=dict(os.environ))
+                                        text=True, env=dict(os.environ), encoding="utf-8")
         self.stderr_path = stderr_path
         self.watchdog = threading.Timer(timeout, self.process.kill)
         self.watchdog.start()
@@ -120,5 +120,5 @@ class LiveWorker:
         return code
 
     def stderr(self) -> str:
-        with open(self.stderr_path) as stream:
+        with open(self.stderr_path, encoding="utf-8") as stream:
             return stream.read()[-3000:]

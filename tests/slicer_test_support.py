@@ -80,7 +80,7 @@ def writeSnapshot(referencePath: Path, labels: np.ndarray, path: Path) -> None:
 
 def writeSegmentsFile(directory: Path, segments=SEGMENTS) -> Path:
     path = Path(directory) / "segments.json"
-    path.write_text(json.dumps({"segments": segments}))
+    path.write_text(json.dumps({"segments": segments}), encoding="utf-8")
     return path
 
 
@@ -167,15 +167,16 @@ def main(arguments):
         sys.stdout.flush()
         os._exit(1)
     reference = sitk.ReadImage(options["--input"])
-    (output / "segments.json").write_text(json.dumps({"segments": SEGMENTS}))
+    (output / "segments.json").write_text(json.dumps({"segments": SEGMENTS}), encoding="utf-8")
+    if model == "fake-stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        (output / "child.pid").write_text(str(child.pid), encoding="utf-8")
     emit(event="stage", stage="initial")
     emit(event="snapshot", index=0, step=0, path=writeLabels(reference, 2, output / "snapshot_0000.nrrd"))
     print("noise: not an event")
     print("{half a json")
     if model == "fake-stubborn":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-        (output / "child.pid").write_text(str(child.pid))
         while True:
             time.sleep(1)
     delay = 0.3 if model == "fake-slow" else 0.02
@@ -208,15 +209,15 @@ def writeFakeEngine(directory: Path) -> Path:
     Put it first on the worker's PYTHONPATH (RefinementLogic's moduleDirectory) to use it."""
     package = Path(directory) / "fake_engine" / "isseg"
     package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "cli.py").write_text(FAKE_CLI)
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "cli.py").write_text(FAKE_CLI, encoding="utf-8")
     return package.parent
 
 
 def processAlive(pid: int) -> bool:
     """True while `pid` runs (a zombie waiting for its parent counts as ended)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
             return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
@@ -228,7 +229,7 @@ def processGroupMembers(groupId: int) -> list:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = (entry / "stat").read_text(encoding="utf-8").rsplit(")", 1)[1].split()
             except OSError:
                 continue
             if int(fields[2]) == groupId and fields[0] != "Z":

@@ -25,7 +25,7 @@ def refine(tmp_path, case, *extra, env=None):
     result = subprocess.run(
         [sys.executable, "-m", "isseg.cli", "refine", "--input", str(case_path), "--model", "demo",
          "--output", str(output), "--progress", "json", *extra],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600, encoding="utf-8")
     events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     return result, events, output
 
@@ -38,7 +38,7 @@ def test_refine_on_cuda_improves_on_initial(tmp_path):
     case = phantom.generate(phantom.shifted_spec(100))
     result, events, output = refine(tmp_path, case, "--device", "cuda", *QUICK)
     assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((output / "report.json").read_text())
+    report = json.loads((output / "report.json").read_text(encoding="utf-8"))
     assert report["device"].startswith("cuda")
     truth = sitk.GetArrayFromImage(case.labels)
     assert mean_dice(output / "labelmap.nrrd", truth) > mean_dice(output / "snapshot_0000.nrrd", truth) + 0.01
@@ -51,5 +51,5 @@ def test_out_of_gpu_memory_falls_back_to_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     warnings = [e["message"] for e in events if e["event"] == "warning"]
     assert any("CPU" in message for message in warnings), warnings
-    assert json.loads((output / "report.json").read_text())["device"] == "cpu"
+    assert json.loads((output / "report.json").read_text(encoding="utf-8"))["device"] == "cpu"
     assert events[-1]["event"] == "done"

@@ -20,7 +20,7 @@ def test_demo_writes_labelmaps_report_figure_and_dice_table(demo_package, tmp_pa
                                 "--rounds", "1", "--align-iterations", "10", "--seed", "5", "--progress", "json")
     assert result.returncode == 0, result.stderr[-3000:]
 
-    report = json.loads((output / "report.json").read_text())
+    report = json.loads((output / "report.json").read_text(encoding="utf-8"))
     assert report["partial"] is False
     assert set(report["dice"]) == set(ORGANS)
     for organ in ORGANS:
@@ -37,9 +37,9 @@ def test_demo_writes_labelmaps_report_figure_and_dice_table(demo_package, tmp_pa
     figure = (output / "figure.png").read_bytes()
     assert figure[:8] == b"\x89PNG\r\n\x1a\n" and len(figure) > 20_000
 
-    table = (output / "dice_table.md").read_text()
+    table = (output / "dice_table.md").read_text(encoding="utf-8")
     assert all(f"| {organ} |" in table for organ in [*ORGANS, "mean"])
-    with open(output / "dice_table.csv") as stream:
+    with open(output / "dice_table.csv", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     assert [row["organ"] for row in rows] == [*ORGANS, "mean"]
     assert float(rows[0]["initial Dice"]) == report["dice"][ORGANS[0]]["initial"]

@@ -84,9 +84,9 @@ def cases(tmp_path_factory):
     folder = phantom.write_msd_dataset(tmp_path_factory.mktemp("cases"), specs)
     (folder / "imagesTr" / "corrupt.nii.gz").write_bytes(b"not an image")
     (folder / "labelsTr" / "corrupt.nii.gz").write_bytes((folder / "labelsTr" / "phantom_020.nii.gz").read_bytes())
-    description = json.loads((folder / "dataset.json").read_text())
+    description = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     description["training"].append({"image": "./imagesTr/corrupt.nii.gz", "label": "./labelsTr/corrupt.nii.gz"})
-    (folder / "dataset.json").write_text(json.dumps(description))
+    (folder / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
     return folder
 
 
@@ -100,7 +100,7 @@ def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(tiny_package,
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     methods = [*BASELINES, *variants]
 
-    with open(output / "metrics.csv") as stream:
+    with open(output / "metrics.csv", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     for case in ("phantom_020", "phantom_021"):
         case_rows = [row for row in rows if row["case"] == case]
@@ -111,18 +111,18 @@ def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(tiny_package,
     assert sorted(row["method"] for row in failed) == sorted(methods)
     assert all(row["status"] == "failed" and "corrupt.nii.gz" in row["error"] for row in failed)
 
-    summary = (output / "summary.md").read_text()
+    summary = (output / "summary.md").read_text(encoding="utf-8")
     for heading in ("## Dice", "## HD95 (mm)", "## Wilcoxon signed-rank p-values", "## Failed runs"):
         assert heading in summary
     assert all(f"| {method} | 2 |" in summary for method in methods)
     assert "| corrupt | initial, registration, isl_mask, isl_mask_last_iterate |" in summary
     assert (output / "dice_boxplot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    settings = json.loads((output / "settings.json").read_text())
+    settings = json.loads((output / "settings.json").read_text(encoding="utf-8"))
     assert settings["seed"] == 3 and settings["methods"] == methods
     assert settings["variants"]["isl_mask_last_iterate"]["moving_average"] is False
     for method in ("registration", *variants):
-        run_settings = json.loads((output / "cases" / "phantom_020" / method / "settings.json").read_text())
+        run_settings = json.loads((output / "cases" / "phantom_020" / method / "settings.json").read_text(encoding="utf-8"))
         assert run_settings["seed"] == 3
     assert (output / "cases" / "phantom_020" / "registration" / "labelmap.nrrd").is_file()
 

@@ -63,7 +63,7 @@ def test_folder_with_two_dicom_series_is_refused(tmp_path):
 
 
 def test_folder_without_dicom_is_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("not an image", encoding="utf-8")
     with pytest.raises(BadInputError, match="No DICOM series"):
         io.read_image(tmp_path)
 
@@ -82,7 +82,7 @@ def test_write_image_atomic_leaves_only_the_target(tmp_path):
 
 def test_write_image_atomic_into_unwritable_place_is_a_disk_error(tmp_path):
     blocker = tmp_path / "a_file"
-    blocker.write_text("")
+    blocker.write_text("", encoding="utf-8")
     with pytest.raises(DiskError, match="Could not write"):
         io.write_image_atomic(small_ct(), blocker / "labels.nrrd")
 

@@ -164,9 +164,9 @@ def test_single_case_dataset_points_at_the_original_files(tmp_path):
     dataset = {"labels": {"0": "background", "1": "liver"}, "training": [
         {"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"},
         {"image": "./imagesTr/b.nii.gz", "label": "./labelsTr/b.nii.gz"}], "synthesis": {"a": {}, "b": {}}}
-    (source / "dataset.json").write_text(json.dumps(dataset))
+    (source / "dataset.json").write_text(json.dumps(dataset), encoding="utf-8")
     out = ra.single_case_dataset(source / "dataset.json", 1, tmp_path / "one")
-    written = json.loads((out / "dataset.json").read_text())
+    written = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert written["labels"] == dataset["labels"]
     assert written["training"] == [{"image": str(source.resolve() / "imagesTr" / "b.nii.gz"),
                                     "label": str(source.resolve() / "labelsTr" / "b.nii.gz")}]
@@ -189,14 +189,15 @@ def test_merge_evaluations_of_single_cases(tmp_path):
         folder.mkdir()
         (folder / "metrics.csv").write_text(
             header + f"{case},initial,liver,{initial},5.0,ok,\n{case},initial,spleen,,,ok,\n"
-            f"{case},isl_mask,liver,{isl},3.0,ok,\n{case},isl_mask,spleen,,,ok,\n")
+            f"{case},isl_mask,liver,{isl},3.0,ok,\n{case},isl_mask,spleen,,,ok,\n", encoding="utf-8")
         dirs.append(folder)
     (tmp_path / "c3" / "metrics.csv").write_text(
-        (tmp_path / "c3" / "metrics.csv").read_text() + "c3,isl_intensity,,,,failed,out of memory\n")
+        (tmp_path / "c3" / "metrics.csv").read_text(encoding="utf-8") + "c3,isl_intensity,,,,failed,out of memory\n",
+        encoding="utf-8")
     ra.merge_evaluations(dirs, tmp_path / "merged", "Test", planned=4)
     rows = ra.read_csv_rows(tmp_path / "merged" / "metrics.csv")
     assert len(rows) == 13 and rows[0]["case"] == "c1" and rows[-1]["status"] == "failed"
-    summary = (tmp_path / "merged" / "summary.md").read_text()
+    summary = (tmp_path / "merged" / "summary.md").read_text(encoding="utf-8")
     assert "Wilcoxon" in summary and "3 of the 4 test cases" in summary
     assert "out of memory" in summary
     assert (tmp_path / "merged" / "dice_boxplot.png").stat().st_size > 0

@@ -140,8 +140,8 @@ def test_snapshots_are_atomic_readable_and_on_the_input_grid(refined):
 
 
 def test_segments_json_lists_the_models_labels(refined, demo_package):
-    segments = json.loads((refined["output"] / "segments.json").read_text())["segments"]
-    model_labels = json.loads((demo_package / "model.json").read_text())["labels"]
+    segments = json.loads((refined["output"] / "segments.json").read_text(encoding="utf-8"))["segments"]
+    model_labels = json.loads((demo_package / "model.json").read_text(encoding="utf-8"))["labels"]
     assert [(s["value"], s["name"]) for s in segments] == [(m["value"], m["name"]) for m in model_labels]
     for segment, label in zip(segments, model_labels):
         assert segment["color"] == label["color"] and all(0 <= c <= 1 for c in segment["color"])
@@ -157,7 +157,7 @@ def test_refined_mask_is_better_than_the_initial_segmentation(refined):
 
 
 def test_report_has_stage_times_and_alignment_quality(refined):
-    report = json.loads((refined["output"] / "report.json").read_text())
+    report = json.loads((refined["output"] / "report.json").read_text(encoding="utf-8"))
     assert report["partial"] is False
     for stage in ("initial", "align", "refine", "finalize"):
         assert report["seconds"][stage] > 0, f"no time recorded for {stage}: {report['seconds']}"
@@ -172,7 +172,7 @@ def test_report_has_stage_times_and_alignment_quality(refined):
 
 
 def test_settings_json_records_seed_settings_and_versions(refined):
-    settings = json.loads((refined["output"] / "settings.json").read_text())
+    settings = json.loads((refined["output"] / "settings.json").read_text(encoding="utf-8"))
     assert settings["seed"] == 0
     assert settings["device"] == "cpu"
     assert settings["refine"]["steps"] == 40 and settings["refine"]["rounds"] == 1
@@ -213,7 +213,7 @@ def check_partial_result(code, worker, output: Path, reference: sitk.Image) -> N
     labelmap = sitk.ReadImage(last["labelmap"])
     assert_on_grid(labelmap, reference, "partial labelmap")
     assert len(set(np.unique(sitk.GetArrayFromImage(labelmap))) - {0}) >= 5, "the partial mask lost the organs"
-    report = json.loads(Path(last["report"]).read_text())
+    report = json.loads(Path(last["report"]).read_text(encoding="utf-8"))
     assert report["partial"] is True
     assert not [p.name for p in output.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
@@ -321,9 +321,9 @@ def test_model_with_wrong_number_of_labels_fails_fast_with_exit_code_4(tmp_path,
 
     model = tmp_path / "model"
     shutil.copytree(demo_package, model)
-    config = json.loads((model / "model.json").read_text())
+    config = json.loads((model / "model.json").read_text(encoding="utf-8"))
     config["labels"].pop()
-    (model / "model.json").write_text(json.dumps(config))
+    (model / "model.json").write_text(json.dumps(config), encoding="utf-8")
     started = time.monotonic()
     result, events = run_worker(*refine_arguments(cancel_input[0], tmp_path / "out", model=model), timeout=120)
     check_fast_failure(result, events, time.monotonic() - started, 4, "bad_model",
@@ -332,7 +332,7 @@ def test_model_with_wrong_number_of_labels_fails_fast_with_exit_code_4(tmp_path,
 
 def test_output_under_a_regular_file_fails_with_exit_code_7(tmp_path, cancel_input):
     blocker = tmp_path / "a_file"
-    blocker.write_text("")
+    blocker.write_text("", encoding="utf-8")
     started = time.monotonic()
     result, events = run_worker(*refine_arguments(cancel_input[0], blocker / "out"), timeout=120)
     check_fast_failure(result, events, time.monotonic() - started, 7, "disk", "Cannot write to the output folder")

@@ -107,7 +107,7 @@ def test_a_final_result_that_cannot_be_read_fails_the_run_and_keeps_the_preview(
 def test_a_worker_that_ignores_cancel_is_killed_and_leaves_no_process(fakeLogic, volumeNode):
     fakeLogic.start(volumeNode, "fake-stubborn", RunSettings(steps=5))
     pollUntil(fakeLogic, lambda status: status.resultsLoaded >= 1)
-    childPid = int((fakeLogic.runDirectory / "output" / "child.pid").read_text())
+    childPid = int((fakeLogic.runDirectory / "output" / "child.pid").read_text(encoding="utf-8"))
     workerPid = fakeLogic.workerProcessId
     fakeLogic.cancel()
     status = pollUntil(fakeLogic, lambda status: not status.active, seconds=30)

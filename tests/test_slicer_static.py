@@ -23,7 +23,7 @@ def uiWidgets():
 
 def cmakeList(path: Path, variable: str) -> set:
     """Entries of `set(variable ...)` in a CMakeLists.txt, with ${MODULE_NAME} expanded."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     match = re.search(r"set\(\s*" + variable + r"\s+(.*?)\)", text, re.S)
     assert match, f"{path} has no set({variable} ...)"
     entries = [line.split("#")[0].strip() for line in match.group(1).splitlines()]
@@ -38,7 +38,7 @@ def moduleFiles(pattern: str) -> set:
 def importedModules(path: Path) -> set:
     """Top-level names of every module `path` imports (anywhere in the file)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -48,7 +48,7 @@ def importedModules(path: Path) -> set:
 
 def test_ui_file_parses_and_has_every_widget_the_module_uses():
     widgets = uiWidgets()
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used, "the module uses no widget?"
     assert used <= set(widgets), f"missing in the .ui file: {sorted(used - set(widgets))}"
     assert widgets["InferenceSpecificSeg"] == "qMRMLWidget"
@@ -59,7 +59,7 @@ def test_ui_parameter_bindings_name_parameters_of_the_parameter_node():
     root = ElementTree.parse(UI_FILE).getroot()
     bound = {widget.get("name"): widget.find("property[@name='SlicerParameterName']/string").text
              for widget in root.iter("widget") if widget.find("property[@name='SlicerParameterName']") is not None}
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     parameterNode = next(node for node in tree.body
                          if isinstance(node, ast.ClassDef) and node.name == "InferenceSpecificSegParameterNode")
     parameters = {statement.target.id for statement in parameterNode.body if isinstance(statement, ast.AnnAssign)}
@@ -80,25 +80,25 @@ def test_module_cmake_lists_every_script_and_resource_and_nothing_else():
     assert listedResources == expectedResources, (
         f"add to MODULE_PYTHON_RESOURCES: {sorted(expectedResources - listedResources)}; "
         f"remove: {sorted(listedResources - expectedResources)}")
-    text = cmake.read_text()
+    text = cmake.read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
     assert "add_subdirectory(Testing)" in text
 
 
 def test_extension_and_test_cmake_files():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                      "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf'set\({variable} "[^"]+"\)', text), variable
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     assert 'set(EXTENSION_DEPENDS "PyTorch")' in text
     assert "add_subdirectory(InferenceSpecificSeg)" in text
-    assert "add_subdirectory(Python)" in (MODULE / "Testing" / "CMakeLists.txt").read_text()
-    assert "slicer_add_python_unittest(" in (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(Python)" in (MODULE / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "slicer_add_python_unittest(" in (MODULE / "Testing" / "Python" / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def test_module_file_is_thin_and_defines_the_slicer_classes():
-    text = MODULE_FILE.read_text()
+    text = MODULE_FILE.read_text(encoding="utf-8")
     assert len(text.splitlines()) < 500
     classes = {node.name for node in ast.parse(text).body if isinstance(node, ast.ClassDef)}
     assert {"InferenceSpecificSeg", "InferenceSpecificSegWidget", "InferenceSpecificSegLogic",
@@ -107,7 +107,7 @@ def test_module_file_is_thin_and_defines_the_slicer_classes():
 
 
 def test_help_text_cites_the_method_and_the_loss():
-    text = MODULE_FILE.read_text()
+    text = MODULE_FILE.read_text(encoding="utf-8")
     assert "10.1002/mp.17883" in text and "Medical Physics, 2025" in text
     assert "region-specific loss" in text and "Pattern Analysis and Machine Intelligence" in text and "2023" in text
 
@@ -119,12 +119,12 @@ def test_layers_import_only_what_they_may():
         assert not importedModules(LIBRARY / f"{name}.py") & {"slicer", "qt", "ctk", "vtk"}, name
     for path in LIBRARY.glob("*.py"):
         assert not importedModules(path) & {"qt", "ctk"}, path
-        assert "mrmlScene" not in path.read_text(), f"{path} must take the scene as an argument"
+        assert "mrmlScene" not in path.read_text(encoding="utf-8"), f"{path} must take the scene as an argument"
 
 
 def test_user_visible_strings_in_the_module_are_translatable():
     """Text given to Qt properties and dialogs goes through _()."""
-    text = MODULE_FILE.read_text()
+    text = MODULE_FILE.read_text(encoding="utf-8")
     untranslated = re.findall(r"\.(?:text|toolTip|format)\s*=\s*[\"']", text)
     untranslated += re.findall(r"(?:errorDisplay|confirmOkCancelDisplay|tryWithErrorDisplay)\(\s*[\"']", text)
     assert untranslated == []

@@ -86,7 +86,7 @@ def test_a_worker_that_ignores_cancel_is_killed_with_its_children(engine):
     worker = startWorker(engine, "fake-stubborn")
     childPidFile = engine[2] / "child.pid"
     waitUntil(childPidFile.exists)
-    childPid = int(childPidFile.read_text())
+    childPid = int(childPidFile.read_text(encoding="utf-8"))
     assert processAlive(childPid)
     worker.requestCancel()
     time.sleep(1.0)

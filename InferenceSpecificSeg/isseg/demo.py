@@ -77,7 +77,7 @@ def command_demo(args) -> int:
 
     refine_args = argparse.Namespace(**vars(args), input=str(ct_path), model="demo")
     result = run_refine_with_fallback(refine_args, settings, events, output / "refine")
-    refine_report = json.loads(Path(result["report"]).read_text())
+    refine_report = json.loads(Path(result["report"]).read_text(encoding="utf-8"))
     seconds.update(refine_report["seconds"])
 
     report_started = time.monotonic()

@@ -28,7 +28,7 @@ def demo_atlas_cases(config: dict) -> list[tuple]:
 
 def demo_package_path() -> Path:
     """Folder of the complete demo package in the cache, created on first use."""
-    config = json.loads((SHIPPED / model_package.MODEL_JSON).read_text())
+    config = json.loads((SHIPPED / model_package.MODEL_JSON).read_text(encoding="utf-8"))
     target = model_package.cache_dir() / f"demo-model-{config['version']}-{model_package.sha256(SHIPPED / model_package.WEIGHTS_FILE)[:12]}"
     if (target / model_package.ATLAS_MANIFEST).is_file():
         return target

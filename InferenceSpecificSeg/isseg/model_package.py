@@ -155,7 +155,7 @@ def load(path: str | Path, *, check_atlas: bool = True) -> ModelPackage:
     if not config_path.is_file():
         raise BadModelError(f"'{root}' is not a model package: it has no {MODEL_JSON}. Pick the package folder itself.")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadModelError(f"{config_path} is not valid JSON ({error}). The package is damaged: copy it again.") from None
     _validate_config(config, config_path)
@@ -200,7 +200,7 @@ def _load_atlas(root: Path, config: dict) -> list[AtlasCase]:
             "cases. Copy the complete package, including its atlas folder."
         )
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadModelError(f"The atlas manifest '{manifest_path}' is not valid JSON ({error}). "
                             "The package is damaged: copy it again.") from None
@@ -271,7 +271,7 @@ def write_atlas(atlas_dir: Path, cases: list[tuple[str, sitk.Image, sitk.Image]]
             "sha256": {"image": sha256(atlas_dir / image_name), "label": sha256(atlas_dir / label_name)},
         })
     manifest = atlas_dir / "manifest.json"
-    manifest.write_text(json.dumps({"cases": entries}, indent=1))
+    manifest.write_text(json.dumps({"cases": entries}, indent=1), encoding="utf-8")
     return manifest
 
 
@@ -284,7 +284,7 @@ def save(root: Path, config: dict, network: torch.nn.Module, atlas_cases=None) -
     if atlas_cases is not None:
         write_atlas(root / "atlas", atlas_cases)
         config["atlas"] = ATLAS_MANIFEST
-    (root / MODEL_JSON).write_text(json.dumps(config, indent=1))
+    (root / MODEL_JSON).write_text(json.dumps(config, indent=1), encoding="utf-8")
     return root
 
 

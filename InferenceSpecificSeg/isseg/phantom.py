@@ -228,5 +228,5 @@ def write_msd_dataset(folder, specs: Sequence[PhantomSpec], name: str = "phantom
         sitk.WriteImage(case.labels, str(folder / "labelsTr" / file_name))
         training.append({"image": f"./imagesTr/{file_name}", "label": f"./labelsTr/{file_name}"})
     labels = {"0": "background", **{str(label["value"]): label["name"] for label in LABELS}}
-    (folder / "dataset.json").write_text(json.dumps({"name": name, "labels": labels, "training": training}, indent=1))
+    (folder / "dataset.json").write_text(json.dumps({"name": name, "labels": labels, "training": training}, indent=1), encoding="utf-8")
     return folder

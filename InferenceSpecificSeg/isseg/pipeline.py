@@ -113,7 +113,7 @@ class Run:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             probe = self.output_dir / ".write-test"
-            probe.write_text("ok")
+            probe.write_text("ok", encoding="utf-8")
             probe.unlink()
         except OSError as error:
             raise DiskError(f"Cannot write to the output folder '{self.output_dir}' ({error.strerror}). "

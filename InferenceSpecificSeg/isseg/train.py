@@ -71,7 +71,7 @@ def read_msd_dataset(folder: Path) -> tuple[list[tuple[str, Path, Path]], dict[i
     if not description.is_file():
         raise BadInputError(f"'{description}' is missing: a dataset folder needs dataset.json, imagesTr/ and labelsTr/.")
     try:
-        dataset = json.loads(description.read_text())
+        dataset = json.loads(description.read_text(encoding="utf-8"))
         names = {int(k): v for k, v in dataset["labels"].items()}
         entries = dataset["training"]
     except (json.JSONDecodeError, KeyError, ValueError, AttributeError) as error:
