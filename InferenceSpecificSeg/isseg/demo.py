@@ -45,7 +45,7 @@ def register(commands) -> None:
     from .cli import add_refine_options
 
     parser = commands.add_parser(
-        "demo", help="try the method on a built-in phantom and get a report (about 3 minutes on a CPU)",
+        "demo", help="try the method on a built-in phantom and get a report (about 2 minutes on a CPU)",
         description=__doc__.split("\n\n")[1], epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="isseg-demo", help="output folder (default %(default)s)")
