@@ -13,7 +13,8 @@ predictions). Two steps, because the reference data and the GPU are on different
     # 2. on the GPU machine (one command; resumable: run it again to finish what a time limit cut)
     python3 benchmarks/real_anatomy.py run --bundle BUNDLE --device cuda --work WORK --results RESULTS
 
-`all` does both in one go where the data and the device are on one machine; `--quick` is a tiny
+`all` does both in one go where the data and the device are on one machine; `--scale cpu` runs the
+abdomen at 5 mm on a 2-core CPU in about half an hour (`--parts abdomen realct speed`); `--quick` is a tiny
 end-to-end smoke run for a CPU. Everything generated goes to --work (default
 ~/.cache/isseg-benchmarks/real-anatomy-<scale>, outside the repository); only small tables and
 figures go to --results (default benchmarks/results/; with --quick, WORK/results outside the repository).
@@ -136,6 +137,17 @@ SCALES = {
                   headneck_patch=(64, 64, 48), abdomen_patch=(96, 64, 48),
                   train_channels=(16, 32, 64, 128), evaluate_every=250, refine_options=(), speed_repeats=3,
                   time_budget_min=8.5),
+    # The abdomen on a 2-core CPU in about an hour (`--scale cpu --parts abdomen realct speed`): a coarser
+    # grid (5 mm), smaller patches and 8 atlas cases, so that training takes 4 minutes and one ISL run
+    # about a minute; the adrenals are a few voxels at 5 mm. Head and neck at 4 mm is sized alike but
+    # does not fit the same hour.
+    "cpu": Scale("cpu", headneck_synth_spacing=(4.0, 4.0, 4.0), headneck_model_spacing=(4.0, 4.0, 4.0),
+                 headneck_cases_per_train_scan=1, headneck_max_train_scans=8, headneck_max_test_scans=None,
+                 abdomen_spacing=(5.0, 5.0, 5.0), abdomen_train_cases=8, abdomen_test_cases=10,
+                 headneck_train_steps=1500, abdomen_train_steps=1500,
+                 headneck_patch=(48, 48, 48), abdomen_patch=(64, 48, 32),
+                 train_channels=(16, 32, 64, 128), evaluate_every=200, refine_options=(), speed_repeats=3,
+                 time_budget_min=60.0),
     # A smoke run of the whole flow on a CPU in a few minutes; its numbers mean nothing.
     "quick": Scale("quick", headneck_synth_spacing=(5.0, 5.0, 5.0), headneck_model_spacing=(5.0, 5.0, 5.0),
                    headneck_cases_per_train_scan=1, headneck_max_train_scans=3, headneck_max_test_scans=2,
@@ -1028,7 +1040,7 @@ def speed_tables(timings: list[dict], evaluate_dirs: Mapping[str, Path], results
 
 
 def run(args) -> int:
-    scale = SCALES["quick" if args.quick else "full"]
+    scale = SCALES["quick" if args.quick else args.scale]
     scale = replace(scale, **{k: v for k, v in {
         "headneck_train_steps": args.train_steps, "abdomen_train_steps": args.train_steps,
         "time_budget_min": args.time_budget_min, "abdomen_test_cases": args.abdomen_test_cases,
@@ -1192,8 +1204,8 @@ def write_index(results: Path, scale: Scale, args, stage_seconds: Mapping[str, f
              f"Made by `{shlex.join(['python3', 'benchmarks/real_anatomy.py', *sys.argv[1:]])}` on "
              f"{platform.node() or 'unknown host'} ({os.cpu_count()} CPU cores, device {device}), seed {args.seed}.\n",
              "| step | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in stage_seconds.items()],
-             "\nFiles: `headneck_interobserver.md` (human agreement), `headneck_summary.md`, `abdomen_summary.md` "
-             "(per-organ Dice/HD95 of every variant), `real_ct.md`, `speed.md`, and the CSV/PNG beside them.\n",
+             "\nFiles: " + ", ".join(f"`{path.name}`" for path in sorted(results.glob("*.md")) if path.name != "README.md")
+             + " (`*_summary.md`: per-organ Dice and HD95 of every variant), and the CSV/PNG beside them.\n",
              "## Data\n",
              f"- Head and neck: {len(manifest['headneck_train_scans'])} training scans / "
              f"{len(manifest['headneck_test_scans'])} test scans, split by patient "
@@ -1227,13 +1239,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--scale", choices=("full", "cpu"), default="full",
+                        help="full: sized for one GPU (default); cpu: the abdomen at 5 mm for a 2-core CPU")
     parser.add_argument("--work", type=Path, default=None,
                         help="generated data, models and runs (default ~/.cache/isseg-benchmarks/real-anatomy-<scale>)")
     parser.add_argument("--parts", nargs="+", choices=("headneck", "abdomen", "realct", "speed"),
                         default=("abdomen", "realct", "headneck", "speed"))
     parser.add_argument("--time-budget-min", type=float, default=None,
                         help="wall-clock budget of the whole run in minutes: test cases, the real-CT check and "
-                             "timed runs that would not fit are skipped (default: 8.5 at full scale, none with "
+                             "timed runs that would not fit are skipped (default: 8.5 at full scale, 60 with --scale cpu, none with "
                              "--quick)")
     parser.add_argument("--sequential", action="store_true",
                         help="run the head-and-neck and abdomen chains (train, evaluate) one after the other "
