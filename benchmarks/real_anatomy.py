@@ -300,14 +300,13 @@ def read_csv_rows(path: Path) -> list[dict]:
 
 
 def write_csv(rows: Sequence[Mapping], path: Path) -> Path:
+    """Dict rows as CSV through the engine's writer (isseg.reporting, torch-free); floats to 4 digits."""
+    from isseg.reporting import write_csv as write_rows
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (_fmt(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
-    return path
+    return write_rows(path, fields, [[_fmt(value, 4) if isinstance(value, float) else value
+                                      for value in (row.get(field, "") for field in fields)] for row in rows])
 
 
 # --------------------------------------------------------------------------
