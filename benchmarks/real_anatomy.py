@@ -168,7 +168,7 @@ REAL_CT_ESTIMATE_S = 60.0
 
 
 # --------------------------------------------------------------------------
-# Pure helpers (unit-tested in tests/test_real_anatomy.py)
+# Pure helpers (unit-tested in Testing/test_real_anatomy.py)
 # --------------------------------------------------------------------------
 
 

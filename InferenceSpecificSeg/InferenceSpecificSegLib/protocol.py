@@ -9,14 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
+from isseg.protocol import CANCEL_FILE, EXIT_CANCELLED, SEGMENTS_FILE  # noqa: F401 (the shared contract)
+
 from .i18n import tr as _
-
-SEGMENTS_FILE = "segments.json"
-CANCEL_FILE = "cancel"
-
-EXIT_CANCELLED = 6
-
-STAGES = ("initial", "align", "refine", "finalize")
 
 
 class ProtocolError(Exception):

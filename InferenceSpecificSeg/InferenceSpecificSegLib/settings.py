@@ -7,6 +7,8 @@ in the panel's combo boxes (Slicer's parameter node wrapper calls `label(member)
 import enum
 from dataclasses import dataclass
 
+from isseg import protocol  # the torch-free contract shared with the worker
+
 from .i18n import tr as _
 
 
@@ -61,10 +63,10 @@ class RunSettings:
     """Options of one run: fine-tuning steps, device, alignment mode, moving-average factor m
     (P = m P + (1 - m) P_t) and loss."""
 
-    steps: int = 160
+    steps: int = protocol.DEFAULT_STEPS
     device: Device = Device.AUTO
     alignment: AlignmentMode = AlignmentMode.MASK
-    movingAverage: float = 0.8
+    movingAverage: float = protocol.DEFAULT_MOMENTUM
     loss: Loss = Loss.DICECE
 
     def commandLineArguments(self) -> list:

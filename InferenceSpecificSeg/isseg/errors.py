@@ -4,14 +4,8 @@ The message of every error says what happened and what the user can do about it.
 The exit codes are part of the worker protocol (docs/worker-protocol.md).
 """
 
-EXIT_DONE = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_BAD_INPUT = 3
-EXIT_BAD_MODEL = 4
-EXIT_OUT_OF_MEMORY = 5
-EXIT_CANCELLED = 6
-EXIT_DISK = 7
+from .protocol import (EXIT_BAD_INPUT, EXIT_BAD_MODEL, EXIT_CANCELLED, EXIT_DISK, EXIT_DONE,  # noqa: F401 (re-exported)
+                       EXIT_INTERNAL, EXIT_OUT_OF_MEMORY)
 
 
 class IssegError(Exception):

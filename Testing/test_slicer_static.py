@@ -36,14 +36,21 @@ def moduleFiles(pattern: str) -> set:
 
 
 def importedModules(path: Path) -> set:
-    """Top-level names of every module `path` imports (anywhere in the file)."""
+    """Top-level names of every module `path` imports (anywhere in the file). The engine's torch-free
+    contract module `isseg.protocol` counts as `isseg.protocol`, every other isseg module as `isseg`."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(_topLevel(alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "isseg":
+            names.update("isseg.protocol" if alias.name == "protocol" else "isseg" for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(_topLevel(node.module))
     return names
+
+
+def _topLevel(moduleName: str) -> str:
+    return "isseg.protocol" if moduleName == "isseg.protocol" else moduleName.split(".")[0]
 
 
 def test_ui_file_parses_and_has_every_widget_the_module_uses():

@@ -1,4 +1,4 @@
-"""Shared set-up for the tests of the Slicer side (tests/test_slicer_*.py): import path, MRML scenes
+"""Shared set-up for the tests of the Slicer side (Testing/test_slicer_*.py): import path, MRML scenes
 from the slicer-core wheel, volumes with chosen geometry, and labelmap files as the worker writes them."""
 
 import json

@@ -1,0 +1,60 @@
+"""What the worker and the Slicer logic share: the worker protocol's constants (docs/worker-protocol.md).
+
+This module is imported by both sides, so it imports nothing but the standard library: the Slicer
+module reads it without loading torch. Every value here is part of the contract; change it only
+together with docs/worker-protocol.md.
+"""
+
+WORKER_MODULE = "isseg.cli"
+
+# Exit codes of every `isseg` command.
+EXIT_DONE = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_BAD_MODEL = 4
+EXIT_OUT_OF_MEMORY = 5
+EXIT_CANCELLED = 6
+EXIT_DISK = 7
+
+# Events, one JSON object per stdout line; readers ignore events and fields they do not know.
+EVENT_STAGE = "stage"
+EVENT_PROGRESS = "progress"
+EVENT_SNAPSHOT = "snapshot"
+EVENT_WARNING = "warning"
+EVENT_DONE = "done"
+EVENT_CANCELLED = "cancelled"
+EVENT_ERROR = "error"
+EVENT_DEVICES = "devices"
+
+STAGE_INITIAL = "initial"
+STAGE_ALIGN = "align"
+STAGE_REFINE = "refine"
+STAGE_FINALIZE = "finalize"
+
+# Files of a run's output folder.
+CANCEL_FILE = "cancel"
+SEGMENTS_FILE = "segments.json"
+SETTINGS_FILE = "settings.json"
+REPORT_FILE = "report.json"
+LABELMAP_FILE = "labelmap.nrrd"
+PROBABILITIES_FILE = "probabilities.nrrd"
+SNAPSHOT_PATTERN = "snapshot_{index:04d}.nrrd"
+
+# Files of a model package.
+DEMO_MODEL = "demo"
+MODEL_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+ATLAS_MANIFEST = "atlas/manifest.json"
+
+# Option values of `isseg refine` and their defaults.
+DEVICES = ("auto", "cpu", "cuda")
+ALIGN_MODES = ("mask", "intensity", "both")
+LOSS_NAMES = ("dicece", "region_tversky")
+DEFAULT_DEVICE = "auto"
+DEFAULT_STEPS = 160
+DEFAULT_ROUNDS = 2
+DEFAULT_UPDATE_EVERY = 20
+DEFAULT_MOMENTUM = 0.8
+DEFAULT_ALIGN_MODE = "mask"
+DEFAULT_LOSS = "dicece"
