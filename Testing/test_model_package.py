@@ -217,7 +217,7 @@ BAD_PACKAGES = [
     (label_values_with_gap, "label values must be 1..N without gaps"),
     (missing_weights, "weights file .* is missing"),
     (corrupt_weights, "corrupt or not in safetensors format"),
-    (weights_of_another_network, "do not fit the network described in model.json"),
+    (weights_of_another_network, "do not fit the network its description gives"),
     (missing_atlas_manifest, "atlas manifest .* is missing"),
     (corrupt_atlas_manifest, "atlas manifest .* is not valid JSON"),
     (atlas_without_cases, "lists no cases"),

@@ -47,6 +47,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage, spatial
 
+_ENGINE_DIR = str(Path(__file__).resolve().parent.parent / "InferenceSpecificSeg")
+if _ENGINE_DIR not in sys.path:
+    sys.path.insert(0, _ENGINE_DIR)
+from isseg.label_resampling import resample_labels  # noqa: E402  (the engine's one implementation)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "isseg-benchmarks"
@@ -133,50 +138,6 @@ def relabel(labels: sitk.Image, mapping: Mapping[int, int], default: int = 0) ->
             lut[source] = target
     out = sitk.GetImageFromArray(lut[array])
     out.CopyInformation(labels)
-    return out
-
-
-def resample_labels(labels: sitk.Image, spacing_mm: Sequence[float]) -> sitk.Image:
-    """Resample a label map to a new voxel size, keeping its physical extent.
-
-    Each label's indicator is resampled with linear interpolation and each
-    output voxel takes the label with the largest interpolated fraction. Unlike
-    nearest neighbour this does not alias when downsampling, and unlike a
-    Gaussian label vote it keeps thin structures (adrenals, optic nerves) at
-    about their true volume. A label smaller than one output voxel (a cochlea)
-    keeps the voxel where its fraction peaks, so no organ disappears.
-
-    labels: integer image, any size; spacing_mm: (x, y, z) output voxel size in
-    mm. Returns a uint8 image whose voxel grid covers the same box.
-    """
-    old_spacing = np.array(labels.GetSpacing())
-    new_spacing = np.array(spacing_mm, dtype=float)
-    extent = np.array(labels.GetSize()) * old_spacing
-    new_size = [max(1, int(round(e))) for e in extent / new_spacing]
-    direction = np.array(labels.GetDirection()).reshape(3, 3)
-    # Align the outer voxel faces of both grids.
-    corner = np.array(labels.GetOrigin()) - direction @ (0.5 * old_spacing)
-    new_origin = corner + direction @ (0.5 * new_spacing)
-
-    best_fraction = np.zeros(new_size[::-1], dtype=np.float32)
-    best_label = np.zeros(new_size[::-1], dtype=np.uint8)
-    peaks = {}
-    for value in np.unique(sitk.GetArrayViewFromImage(labels)):
-        indicator = sitk.Cast(labels == int(value), sitk.sitkFloat32)
-        fraction = sitk.GetArrayFromImage(
-            sitk.Resample(indicator, new_size, sitk.Transform(), sitk.sitkLinear,
-                          tuple(new_origin), tuple(new_spacing), labels.GetDirection(), 0.0,
-                          sitk.sitkFloat32))
-        wins = fraction > best_fraction
-        best_fraction[wins] = fraction[wins]
-        best_label[wins] = value
-        peaks[int(value)] = np.unravel_index(np.argmax(fraction), fraction.shape)
-    for value in set(peaks) - set(np.unique(best_label).tolist()):
-        best_label[peaks[value]] = value
-    out = sitk.GetImageFromArray(best_label)
-    out.SetOrigin(tuple(new_origin))
-    out.SetSpacing(tuple(new_spacing))
-    out.SetDirection(labels.GetDirection())
     return out
 
 

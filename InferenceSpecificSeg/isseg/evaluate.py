@@ -44,7 +44,6 @@ from .events import EventWriter, RunClock
 from .io import labelmap_like, read_image, resample_to, write_image_atomic, write_text_atomic
 from .metrics import dice_per_label, hd95_per_label
 from .pipeline import Run, atlas_arrays, resolve_device, settings_record
-from .preprocess import image_tensor
 from .refinement import RefineSettings
 from .reporting import format_number, is_missing, markdown_table, rounded_or_none, tell, write_csv
 from .train import read_msd_dataset
@@ -185,7 +184,7 @@ def registration_baseline(run: Run, settings: RefineSettings) -> sitk.Image:
     combined by a per-voxel majority vote (ties go to the lower label value, so background wins them),
     on the run's input grid."""
     atlas_images, atlas_labels = atlas_arrays(run.package)
-    target = image_tensor(run.model_image, run.package.intensity_window)
+    target = run.prepared.tensor
     aligned = align_atlas(atlas_images, atlas_labels, target, run.initial_probabilities, settings.alignment, run.device)
     votes = torch.stack([(aligned.labels[:, 0] == value).sum(0) for value in range(run.package.num_classes)])
     majority = votes.argmax(0).numpy().astype(np.uint8)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import BadModelError
+from .networks import KIND_MONAI, NetworkKind, OutputClasses, kind_for
 
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
@@ -53,6 +54,7 @@ class ModelPackage:
     root: Path
     config: dict
     atlas_cases: list[AtlasCase] = field(default_factory=list)
+    _kind: NetworkKind | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> list[dict]:
@@ -83,9 +85,18 @@ class ModelPackage:
         """Network input patch (x, y, z voxels)."""
         return tuple(int(s) for s in self.config["patch_size"])
 
+    @property
+    def network_kind(self) -> NetworkKind:
+        """How this package's network is built, fed and read (isseg.networks)."""
+        if self._kind is None:
+            self._kind = kind_for(self.config)
+        return self._kind
+
     def build_network(self) -> torch.nn.Module:
-        """The MONAI network named in model.json, with its weights loaded, in eval mode on the CPU."""
-        network = build_network(self.config["network"])
+        """The package's network with its weights loaded, in eval mode on the CPU. When model.json groups
+        the network's output channels into the package's classes (`output_classes`), the network is
+        wrapped so that it outputs one logit per package class."""
+        network = self.network_kind.build()
         weights_path = self.root / self.config.get("weights", WEIGHTS_FILE)
         try:
             state = load_file(str(weights_path))
@@ -94,23 +105,52 @@ class ModelPackage:
                 f"The weights file '{weights_path}' is corrupt or not in safetensors format ({error}). "
                 "Download or copy the model package again."
             ) from None
-        missing, unexpected = _state_mismatch(network, state)
-        if missing or unexpected:
-            raise BadModelError(
-                f"The weights in '{weights_path}' do not fit the network described in model.json "
-                f"({len(missing)} missing and {len(unexpected)} unexpected tensors, e.g. "
-                f"{(missing + unexpected)[:3]}). The package was built for another network: rebuild it with "
-                "`isseg train` or ask its author for a consistent package."
-            )
-        network.load_state_dict(state)
+        load_weights(network, state, f"The weights in '{weights_path}'")
+        groups = self.config["network"].get("output_classes")
+        if groups is not None:
+            network = OutputClasses(network, groups)
         return network.eval()
+
+
+def load_weights(network: torch.nn.Module, state: dict, what: str) -> None:
+    """Load `state` into `network`; BadModelError (naming `what`) when tensors are missing, extra or of
+    another shape, i.e. the weights were trained for another network."""
+    missing, unexpected = _state_mismatch(network, state)
+    if missing or unexpected:
+        raise BadModelError(
+            f"{what} do not fit the network its description gives ({len(missing)} missing or differently shaped "
+            f"and {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:3]}). They were trained for "
+            "another network (other plans or arguments): use the weights and the description that belong together.")
+    network.load_state_dict(state, strict=False)  # shared tensors arrive through their first name
+
+
+def _aliases(state: dict) -> dict[str, str]:
+    """{name: first name of the same tensor} for a state dict in which some tensors appear under several
+    names (nnU-Net's networks reach their encoder also as decoder.encoder and their convs as all_modules)."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for key, tensor in state.items():
+        identity = (tensor.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and identity in first:
+            aliases[key] = first[identity]
+        else:
+            first.setdefault(identity, key)
+    return aliases
 
 
 def _state_mismatch(network: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
     expected = network.state_dict()
-    missing = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
+    aliases = _aliases(expected)
+    missing = [k for k in expected if k not in aliases
+               and (k not in state or tuple(state[k].shape) != tuple(expected[k].shape))]
     unexpected = [k for k in state if k not in expected]
     return missing, unexpected
+
+
+def _unique_tensors(state: dict) -> dict:
+    """The state without the second and later names of a shared tensor (safetensors stores each once)."""
+    aliases = _aliases(state)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
 
 
 def build_network(network_config: dict) -> torch.nn.Module:
@@ -184,12 +224,28 @@ def _validate_config(config: dict, config_path: Path) -> None:
         raise BadModelError(
             f"{config_path}: label values must be 1..N without gaps (got {values}). Fix the labels list."
         )
+    if config["network"].get("kind", KIND_MONAI) != KIND_MONAI:
+        _validate_output_classes(config, config_path)
+        return
     out_channels = config["network"].get("args", {}).get("out_channels")
     if out_channels != len(labels) + 1:
         raise BadModelError(
             f"{config_path}: the network has {out_channels} output channels but {len(labels)} labels are listed "
             f"(expected {len(labels) + 1} = background + labels). The labels do not belong to these weights."
         )
+
+
+def _validate_output_classes(config: dict, config_path: Path) -> None:
+    """`output_classes`, when given, lists the network channels of background and of each label."""
+    groups = config["network"].get("output_classes")
+    if groups is None:
+        return
+    channels = [channel for group in groups for channel in group]
+    if len(groups) != len(config["labels"]) + 1 or len(channels) != len(set(channels)) or 0 not in groups[0]:
+        raise BadModelError(
+            f"{config_path}: 'output_classes' must list the network channels of the background (with channel 0) "
+            f"and of each of the {len(config['labels'])} labels, each channel once. Rebuild the package with "
+            "`isseg package`.")
 
 
 def _load_atlas(root: Path, config: dict) -> list[AtlasCase]:
@@ -275,11 +331,12 @@ def write_atlas(atlas_dir: Path, cases: list[tuple[str, sitk.Image, sitk.Image]]
     return manifest
 
 
-def save(root: Path, config: dict, network: torch.nn.Module, atlas_cases=None) -> Path:
-    """Write a package folder: model.json, safetensors weights and (optionally) the atlas cases."""
+def save(root: Path, config: dict, network: torch.nn.Module | dict, atlas_cases=None) -> Path:
+    """Write a package folder: model.json, safetensors weights (of a network or a state dict) and
+    (optionally) the atlas cases."""
     root.mkdir(parents=True, exist_ok=True)
     config = dict(config, format_version=FORMAT_VERSION, weights=WEIGHTS_FILE)
-    state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+    state = _unique_tensors(network if isinstance(network, dict) else network.state_dict())
     save_file(state, str(root / WEIGHTS_FILE))
     if atlas_cases is not None:
         write_atlas(root / "atlas", atlas_cases)

@@ -22,10 +22,9 @@ import torch
 from . import __version__, model_package
 from .errors import BadInputError, Cancelled, DiskError
 from .events import EventWriter, RunClock
-from .inference import predict_probabilities
 from .io import read_image, write_image_atomic, write_text_atomic
-from .postprocess import labels_on_grid
-from .preprocess import image_tensor, normalize, to_model_grid, zyx
+from .networks import predict_probabilities
+from .postprocess import labelmap_on_grid
 from .refinement import MovingAverage, RefineSettings, refine
 
 # An alignment round costs about as much time as this many fine-tuning steps on a CPU; only used
@@ -85,11 +84,11 @@ def segments_record(labels: list[dict]) -> dict:
 
 
 def atlas_arrays(package: model_package.ModelPackage) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The package's atlas as arrays for alignment: per case a (z, y, x) float32 image normalized with
-    the model's intensity window and a (z, y, x) int64 labelmap, at the model spacing."""
+    """The package's atlas as arrays for alignment: per case a (z, y, x) float32 image normalized as the
+    network's preprocessing does and a (z, y, x) int64 labelmap, at the model spacing."""
     atlas = [case.read() for case in package.atlas_cases]
-    window = package.intensity_window
-    images = [np.asarray(normalize(sitk.GetArrayFromImage(image), window), dtype=np.float32) for image, _ in atlas]
+    kind = package.network_kind
+    images = [kind.normalize(sitk.GetArrayFromImage(image)) for image, _ in atlas]
     labels = [sitk.GetArrayFromImage(labels).astype(np.int64) for _, labels in atlas]
     return images, labels
 
@@ -136,10 +135,11 @@ class Run:
             model={"path": str(self.package.root), "name": self.package.config["name"],
                    "version": self.package.config.get("version")}), indent=1), self.output_dir / "settings.json")
 
-        self.model_image = to_model_grid(self.input_image, self.package.spacing, self.package.orientation)
-        target = image_tensor(self.model_image, self.package.intensity_window)
-        patch = zyx(self.package.patch_size)
-        initial = predict_probabilities(network, target, patch, self.device)
+        kind = self.package.network_kind
+        self.prepared = kind.prepare(self.input_image)
+        self.model_image, target = self.prepared.model_image, self.prepared.tensor
+        patch = kind.patch_zyx
+        initial = predict_probabilities(kind, network, target, self.device)
         self.average = MovingAverage(initial, self.settings.momentum, self.settings.moving_average)
         self.initial_probabilities = initial
         self.publish_snapshot(step=0)
@@ -185,8 +185,11 @@ class Run:
 
         seed_generator = np.random.default_rng(self.seed)
         torch.manual_seed(self.seed)
+        def predict(tuned):
+            return predict_probabilities(self.package.network_kind, tuned, target, self.device)
+
         try:
-            refine(network, target, self.average, atlas_images, atlas_labels, patch, settings, self.device,
+            refine(network, target, self.average, atlas_images, atlas_labels, patch, settings, self.device, predict,
                    seed_generator, check_cancel=self.cancel.check, on_stage=on_stage,
                    on_align_iteration=on_align_iteration, on_aligned=on_aligned, on_step=on_step, on_update=on_update)
         finally:
@@ -199,9 +202,9 @@ class Run:
             stage_started["stage"] = None
 
     def labelmap_on_input_grid(self) -> sitk.Image:
-        probabilities = self.average.value[0].numpy()
-        return labels_on_grid(probabilities, self.model_image, self.input_image, self.package.labels,
-                              self.largest_component)
+        probabilities = self.package.network_kind.probabilities_on_input(
+            self.average.value[0].numpy(), self.prepared, self.input_image)
+        return labelmap_on_grid(probabilities, self.input_image, self.package.labels, self.largest_component)
 
     def publish_snapshot(self, step: int) -> None:
         path = self.output_dir / f"snapshot_{self.snapshot_index:04d}.nrrd"

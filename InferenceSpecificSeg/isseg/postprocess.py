@@ -44,6 +44,30 @@ def keep_largest_component(labelmap: np.ndarray, labels: list[dict]) -> np.ndarr
     return result
 
 
+def resample_probabilities(probabilities: np.ndarray, model_grid: sitk.Image, target_grid: sitk.Image) -> np.ndarray:
+    """Class probabilities (C, z, y, x) on `model_grid` -> (C, z', y', x') float32 on `target_grid`, each
+    channel resampled linearly (outside the model grid: background 1, other classes 0)."""
+    channels = []
+    for channel in probabilities:
+        moving = sitk.GetImageFromArray(channel.astype(np.float32))
+        moving.CopyInformation(model_grid)
+        resampled = sitk.Resample(moving, target_grid, sitk.Transform(), sitk.sitkLinear,
+                                  1.0 if not channels else 0.0, sitk.sitkFloat32)
+        channels.append(sitk.GetArrayFromImage(resampled))
+    return np.stack(channels)
+
+
+def labelmap_on_grid(probabilities: np.ndarray, grid: sitk.Image, labels: list[dict],
+                     largest_component: bool) -> sitk.Image:
+    """The final uint8 labelmap on `grid` from class probabilities (C, z, y, x) on that grid."""
+    labelmap = probabilities_to_labels(probabilities, labels)
+    if largest_component:
+        labelmap = keep_largest_component(labelmap, labels)
+    result = sitk.GetImageFromArray(labelmap)
+    result.CopyInformation(grid)
+    return result
+
+
 def labels_on_grid(probabilities: np.ndarray, model_grid: sitk.Image, target_grid: sitk.Image,
                    labels: list[dict], largest_component: bool) -> sitk.Image:
     """The final uint8 labelmap on `target_grid` (the user's input grid).
@@ -52,16 +76,5 @@ def labels_on_grid(probabilities: np.ndarray, model_grid: sitk.Image, target_gri
     onto the target grid before the labels are chosen, so the mask is as smooth as the input
     resolution allows rather than blocky at the model's spacing.
     """
-    channels = []
-    for channel in probabilities:
-        moving = sitk.GetImageFromArray(channel.astype(np.float32))
-        moving.CopyInformation(model_grid)
-        resampled = sitk.Resample(moving, target_grid, sitk.Transform(), sitk.sitkLinear,
-                                  1.0 if not channels else 0.0, sitk.sitkFloat32)
-        channels.append(sitk.GetArrayFromImage(resampled))
-    labelmap = probabilities_to_labels(np.stack(channels), labels)
-    if largest_component:
-        labelmap = keep_largest_component(labelmap, labels)
-    result = sitk.GetImageFromArray(labelmap)
-    result.CopyInformation(target_grid)
-    return result
+    return labelmap_on_grid(resample_probabilities(probabilities, model_grid, target_grid), target_grid, labels,
+                            largest_component)

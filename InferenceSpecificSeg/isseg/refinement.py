@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .alignment import AlignedAtlas, AlignmentSettings, align_atlas
-from .inference import predict_probabilities
 from .losses import segmentation_loss
 from .training import StepSettings, train_step
 
@@ -86,7 +85,7 @@ Callback = Callable[..., None]
 
 def refine(network: torch.nn.Module, target_image: torch.Tensor, average: MovingAverage,
            atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], patch_zyx, settings: RefineSettings,
-           device: torch.device, rng: np.random.Generator, *,
+           device: torch.device, predict: Callable[[torch.nn.Module], torch.Tensor], rng: np.random.Generator, *,
            check_cancel: Callable[[], None] = lambda: None,
            on_stage: Callback = lambda stage, **info: None,
            on_align_iteration: Callback = lambda done, total: None,
@@ -99,6 +98,8 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, average: Moving
     alignment iteration (it should call check_cancel too).
 
     network: the pretrained network (left unchanged: a copy is fine-tuned). target_image (1, 1, z, y, x);
+    `predict(network)` gives the network's probabilities (1, C, z, y, x) of the target, as its own
+    predictor computes them (isseg.networks.predict_probabilities);
     atlas images (normalized) and labels: per case (z, y, x) arrays at the model spacing.
     Returns the fine-tuned copy.
     """
@@ -123,7 +124,7 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, average: Moving
             step += 1
             on_step(step, loss)
             if step % settings.update_every == 0 or step == settings.steps:
-                prediction = predict_probabilities(tuned, target_image, patch_zyx, device)
+                prediction = predict(tuned)
                 average.update(prediction)
                 on_update(step, average.value)
     return tuned
