@@ -33,3 +33,13 @@ def demo_package(isseg_cache) -> Path:
 
     return demo_package_path()
 
+
+
+@pytest.fixture(scope="session")
+def labelled_atlas(tmp_path_factory) -> Path:
+    """A user's own labelled cases for `isseg package`: two small phantoms in the MSD layout, at a
+    spacing no model here uses (so packaging resamples them)."""
+    from isseg import phantom
+
+    specs = [phantom.training_spec(seed, size=(40, 40, 28), spacing=(9.5, 9.5, 9.0)) for seed in (10, 11)]
+    return phantom.write_msd_dataset(tmp_path_factory.mktemp("atlas"), specs)

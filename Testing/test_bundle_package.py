@@ -68,15 +68,9 @@ def bundle_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def atlas_folder(tmp_path_factory) -> Path:
-    specs = [phantom.training_spec(seed, size=(40, 40, 28), spacing=(9.5, 9.5, 9.0)) for seed in (10, 11)]
-    return phantom.write_msd_dataset(tmp_path_factory.mktemp("atlas"), specs)
-
-
-@pytest.fixture(scope="module")
-def bundle_package(bundle_folder, atlas_folder, tmp_path_factory) -> Path:
+def bundle_package(bundle_folder, labelled_atlas, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("packages") / "bundle"
-    packaging.build_package(packaging.read_network(bundle_folder), atlas_folder, output)
+    packaging.build_package(packaging.read_network(bundle_folder), labelled_atlas, output)
     return output
 
 

@@ -39,16 +39,9 @@ def nnunet_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def atlas_folder(tmp_path_factory) -> Path:
-    """The user's own labelled cases: two phantoms in the MSD layout, at another spacing than the plans'."""
-    specs = [phantom.training_spec(seed, size=(40, 40, 28), spacing=(9.5, 9.5, 9.0)) for seed in (10, 11)]
-    return phantom.write_msd_dataset(tmp_path_factory.mktemp("atlas"), specs)
-
-
-@pytest.fixture(scope="session")
-def nnunet_package(nnunet_folder, atlas_folder, tmp_path_factory) -> Path:
+def nnunet_package(nnunet_folder, labelled_atlas, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("packages") / "nnunet"
-    packaging.build_package(packaging.read_network(nnunet_folder, "all", None), atlas_folder, output)
+    packaging.build_package(packaging.read_network(nnunet_folder, "all", None), labelled_atlas, output)
     return output
 
 
@@ -152,20 +145,20 @@ def test_refuses_a_checkpoint_that_would_run_code(nnunet_folder, tmp_path):
     assert not marker.exists()
 
 
-def test_refuses_a_checkpoint_that_does_not_match_the_plans(nnunet_folder, atlas_folder, tmp_path):
+def test_refuses_a_checkpoint_that_does_not_match_the_plans(nnunet_folder, labelled_atlas, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(nnunet_folder, folder)
     plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
     plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = [8, 16, 32, 64]
     (folder / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
     with pytest.raises(BadModelError, match="do not fit"):
-        packaging.build_package(packaging.read_network(folder, "all", None), atlas_folder, tmp_path / "package")
+        packaging.build_package(packaging.read_network(folder, "all", None), labelled_atlas, tmp_path / "package")
     assert not (tmp_path / "package").exists()
 
 
-def test_refuses_atlas_labels_that_map_to_nothing(nnunet_folder, atlas_folder, tmp_path):
+def test_refuses_atlas_labels_that_map_to_nothing(nnunet_folder, labelled_atlas, tmp_path):
     atlas = tmp_path / "atlas"
-    shutil.copytree(atlas_folder, atlas)
+    shutil.copytree(labelled_atlas, atlas)
     description = json.loads((atlas / "dataset.json").read_text(encoding="utf-8"))
     description["labels"]["6"] = "pancreas"
     (atlas / "dataset.json").write_text(json.dumps(description), encoding="utf-8")

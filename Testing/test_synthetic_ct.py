@@ -226,21 +226,6 @@ def test_crop_fov_keeps_physical_positions(tissue_map):
     assert cropped[index] == tissue_map[tissue_map.TransformPhysicalPointToIndex(point)]
 
 
-def test_resample_labels_keeps_volume_and_tiny_labels():
-    ids = np.zeros((20, 40, 40), dtype=np.uint8)
-    ids[4:16, 10:30, 8:32] = 1
-    ids[10, 5, 5] = 2  # one 1 mm voxel: smaller than an output voxel
-    labels = _image(ids, spacing=(1.0, 1.0, 1.0))
-    resampled = sct.resample_labels(labels, (2.0, 2.0, 2.0))
-    assert resampled.GetSize() == (20, 20, 10)
-    out = sitk.GetArrayFromImage(resampled)
-    assert (out == 1).sum() * 8 == pytest.approx((ids == 1).sum(), rel=0.1)
-    assert (out == 2).sum() == 1
-    # Same physical box: outer voxel faces coincide.
-    corner = np.array(labels.GetOrigin()) - 0.5
-    assert np.allclose(np.array(resampled.GetOrigin()) - 1.0, corner)
-
-
 def test_headneck_patient_split_keeps_patients_together():
     scans = ["0522c0014", "0522c0017", "0522c0727a", "0522c0727b", "0522c0057",
              "TCGA-CV-5977", "TCGA-CV-5978", "0522c0161"]

@@ -93,17 +93,22 @@ def kind_for(config: dict) -> NetworkKind:
                         f"(known: {', '.join(KINDS)}). Update InferenceSpecificSeg or rebuild the package.")
 
 
+# The optional extras of pyproject.toml and the packages each installs (Testing checks they agree).
+EXTRAS = {"nnunet": ("nnunetv2", "dynamic-network-architectures"), "bundle": ("pyyaml", "nibabel")}
+
+
 def require_extra(module: str, extra: str, network: str):
-    """Import `module` or raise BadModelError naming the pip extra that installs it."""
+    """Import `module` or raise BadModelError naming the pip extra (and its packages) that installs it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as error:
+        packages = " ".join(EXTRAS[extra])
         raise BadModelError(
-            f"This model package holds {network}, which needs the Python package '{module.split('.')[0]}' "
-            f"({error}). Install it with: pip install \"InferenceSpecificSeg[{extra}]\" (in Slicer: "
-            f"slicer.util.pip_install(...) with the same argument)."
+            f"This model holds {network}, which needs the optional extra '{extra}' ({error}). Install it with "
+            f"pip install \"inference-specific-seg[{extra}]\" in the source folder, or pip install {packages} "
+            f"(in Slicer's Python console: slicer.util.pip_install(\"{packages}\"))."
         ) from None
 
 

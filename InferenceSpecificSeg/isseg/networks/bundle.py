@@ -66,12 +66,14 @@ def _component(entry, what: str, allowed=None) -> dict:
 
 def read_config(folder: Path) -> tuple[dict, dict]:
     """(inference config, metadata) of a bundle folder, parsed as data (nothing evaluated)."""
-    parser = require_extra("monai.bundle", EXTRA, "a MONAI bundle").ConfigParser
+    from monai.bundle import ConfigParser as parser
     config_path = next((folder / "configs" / n for n in CONFIG_NAMES if (folder / "configs" / n).is_file()), None)
     metadata_path = folder / "configs" / "metadata.json"
     if config_path is None or not metadata_path.is_file():
         raise BadModelError(f"'{folder}' is not a MONAI bundle with an inference config: it needs "
                             "configs/inference.json (or .yaml) and configs/metadata.json.")
+    if config_path.suffix != ".json":
+        require_extra("yaml", EXTRA, "a MONAI bundle with a YAML config")
     return parser.load_config_file(str(config_path)), parser.load_config_file(str(metadata_path))
 
 
@@ -143,7 +145,9 @@ class BundleNetwork(NetworkKind):
 
     def __init__(self, config: dict):
         super().__init__(config)
-        self.transforms = require_extra("monai.transforms", EXTRA, "a MONAI bundle network")
+        import monai.transforms
+
+        self.transforms = monai.transforms
         self.key = "image"
 
     @property

@@ -1,0 +1,124 @@
+"""Packaging building blocks: label mapping, atlas folders, per-label soft resampling, the optional extras."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from engine_support import oblique_direction
+from isseg import packaging
+from isseg.errors import BadInputError
+from isseg.label_resampling import resample_labels, resample_labels_onto
+from isseg.networks import EXTRAS, OutputClasses
+
+NETWORK = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver"}
+
+
+def test_labels_map_by_name_and_unmapped_network_labels_are_reported():
+    mapping, unmapped = packaging.map_labels(NETWORK, {0: "background", 1: "Liver", 2: "Kidney right"}, {0, 1, 2})
+    assert mapping == {1: 5, 2: 2} and unmapped == [1, 3, 4]
+    labels, groups, lookup = packaging.package_labels(NETWORK, mapping, unmapped)
+    assert [(l["value"], l["name"], l["network_value"]) for l in labels] == [(1, "kidney_right", 2), (2, "liver", 5)]
+    assert groups == [[0, 1, 3, 4], [2], [5]] and lookup == {1: 2, 2: 1}
+
+
+def test_labels_map_by_value_and_explicitly():
+    assert packaging.map_labels(NETWORK, None, {0, 1, 5}) == ({1: 1, 5: 5}, [2, 3, 4])
+    mapping, _ = packaging.map_labels(NETWORK, {1: "leber"}, {0, 1}, "leber=liver")
+    assert mapping == {1: 5}
+    assert packaging.map_labels(NETWORK, None, {0, 7}, "7=4")[0] == {7: 4}
+
+
+@pytest.mark.parametrize("names, values, spec, message", [
+    ({1: "pancreas"}, {0, 1}, None, "1 \\(pancreas\\) match no label"),
+    (None, {0, 9}, None, "9 \\(unnamed\\) match no label"),
+    ({1: "liver", 2: "leber"}, {0, 1, 2}, "leber=liver", "would merge"),
+    ({1: "liver"}, {0, 1}, "liver=stomach", "does not exist"),
+    ({1: "liver"}, {0, 1}, "liver", "ATLAS=NETWORK"),
+])
+def test_labels_that_cannot_be_mapped_are_refused(names, values, spec, message):
+    with pytest.raises(BadInputError, match=message):
+        packaging.map_labels(NETWORK, names, values, spec)
+
+
+def test_output_classes_sum_the_network_probabilities_of_each_group():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    logits = torch.randn(2, 5, 3, 3, 3)
+    grouped = OutputClasses(Fixed(), [[0, 2, 3], [1], [4]])
+    expected = torch.softmax(logits, 1)
+    expected = torch.stack([expected[:, [0, 2, 3]].sum(1), expected[:, 1], expected[:, 4]], 1)
+    assert torch.allclose(torch.softmax(grouped(logits), 1), expected, atol=1e-6)
+
+
+def _image(array, spacing, direction=None):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    if direction:
+        image.SetDirection(direction)
+    return image
+
+
+def test_atlas_folder_of_file_pairs(tmp_path):
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[2:4, 2:6, 2:6] = 3
+    for case in ("a", "b"):
+        sitk.WriteImage(_image(np.full((6, 8, 8), -1000, np.int16), (1, 1, 1)), str(tmp_path / f"{case}_image.nii.gz"))
+        sitk.WriteImage(_image(labels, (1, 1, 1)), str(tmp_path / f"{case}_label.nii.gz"))
+    (tmp_path / "labels.json").write_text(json.dumps({"3": "liver"}), encoding="utf-8")
+    cases, names = packaging.read_atlas_folder(tmp_path)
+    assert [c[0] for c in cases] == ["a", "b"] and names == {3: "liver"}
+    (tmp_path / "b_label.nii.gz").unlink()
+    with pytest.raises(BadInputError, match="has no labelmap 'b_label.nii.gz'"):
+        packaging.read_atlas_folder(tmp_path)
+
+
+def test_resample_labels_keeps_volume_and_tiny_labels():
+    ids = np.zeros((20, 40, 40), dtype=np.uint8)
+    ids[4:16, 10:30, 8:32] = 1
+    ids[10, 5, 5] = 2  # one 1 mm voxel: smaller than an output voxel
+    labels = _image(ids, (1.0, 1.0, 1.0))
+    resampled = resample_labels(labels, (2.0, 2.0, 2.0))
+    assert resampled.GetSize() == (20, 20, 10)
+    out = sitk.GetArrayFromImage(resampled)
+    assert (out == 1).sum() * 8 == pytest.approx((ids == 1).sum(), rel=0.1)
+    assert (out == 2).sum() == 1
+    corner = np.array(labels.GetOrigin()) - 0.5  # same physical box: outer voxel faces coincide
+    assert np.allclose(np.array(resampled.GetOrigin()) - 1.0, corner)
+
+
+def test_resample_onto_an_oblique_grid_keeps_volumes_and_every_label():
+    ids = np.zeros((40, 40, 40), dtype=np.uint8)
+    ids[8:32, 10:30, 8:32] = 1
+    ids[18:21, 5:8, 18:21] = 2  # 2.25 mm: smaller than one output voxel
+    labels = _image(ids, (0.75, 0.75, 0.75))
+    reference = sitk.Image([10, 10, 10], sitk.sitkUInt8)
+    reference.SetSpacing((3.0, 3.0, 3.0))
+    reference.SetDirection(oblique_direction(15.0, 5.0))
+    reference.SetOrigin(tuple(np.array(labels.TransformContinuousIndexToPhysicalPoint((19.5,) * 3))
+                              - np.array(reference.TransformContinuousIndexToPhysicalPoint((4.5,) * 3))))
+    soft = sitk.GetArrayFromImage(resample_labels_onto(labels, reference))
+    assert (soft == 1).sum() * 27 == pytest.approx((ids == 1).sum() * 0.75 ** 3, rel=0.1)
+    assert (soft == 2).sum() >= 1
+
+
+def test_extras_in_pyproject_are_the_ones_the_error_messages_name():
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+
+    def names(requirements):
+        return {re.split(r"[<>=\[ ]", r)[0].lower() for r in requirements}
+
+    for extra, packages in EXTRAS.items():
+        assert names(extras[extra]) == set(packages)
+        assert set(packages) <= names(extras["test"]), "CI must install what these tests import"
+    assert all(re.search(r">=.*,<", r) for extra in EXTRAS for r in extras[extra]), "floor and ceiling versions"
