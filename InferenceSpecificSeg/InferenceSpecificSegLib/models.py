@@ -76,6 +76,52 @@ def describePackage(folder: Union[str, Path]) -> ModelEntry:
     return ModelEntry(str(folder), title)
 
 
+# How the panel names each network kind of model.json (isseg.networks: "monai" when no kind is given).
+NETWORK_KINDS = {"monai": "MONAI network (isseg train)", "nnunet_v2": "nnU-Net v2", "monai_bundle": "MONAI bundle"}
+
+
+@dataclass(frozen=True)
+class PackageDetails:
+    """What the panel shows about a package: the kind of network, its labels, the atlas size and where
+    the atlas came from, the licence and the citation, and the network's structures the atlas lacks."""
+
+    networkKind: str
+    labels: tuple
+    atlasCases: int
+    atlasSource: str
+    license: str
+    citation: str
+    unmappedNetworkLabels: tuple
+
+    def text(self) -> str:
+        """A few lines for the panel."""
+        lines = [_("Network: {kind}").format(kind=self.networkKind),
+                 _("Labels: {labels}").format(labels=", ".join(self.labels)),
+                 _("Atlas: {count} labelled cases").format(count=self.atlasCases)
+                 + (f" ({self.atlasSource})" if self.atlasSource else "")]
+        if self.unmappedNetworkLabels:
+            lines.append(_("Not refined (the atlas lacks them): {labels}").format(labels=", ".join(self.unmappedNetworkLabels)))
+        lines.append(_("Licence: {license}").format(license=self.license or _("not stated")))
+        if self.citation:
+            lines.append(_("Cite: {citation}").format(citation=self.citation))
+        return "\n".join(lines)
+
+
+def packageDetails(folder: Union[str, Path]) -> PackageDetails:
+    """The details of a valid package folder (see describePackage), from model.json and the atlas manifest."""
+    folder = Path(folder)
+    describePackage(folder)
+    config = json.loads((folder / MODEL_FILE).read_text(encoding="utf-8"))
+    kind = config["network"].get("kind", "monai") if isinstance(config["network"], dict) else "monai"
+    manifest = json.loads((folder / config.get("atlas", DEFAULT_ATLAS_MANIFEST)).read_text(encoding="utf-8"))
+    training = config.get("training") if isinstance(config.get("training"), dict) else {}
+    return PackageDetails(
+        networkKind=NETWORK_KINDS.get(kind, kind), labels=tuple(str(label["name"]) for label in config["labels"]),
+        atlasCases=len(manifest["cases"]), atlasSource=str(training.get("atlas_source", "")),
+        license=str(config.get("license", "")), citation=str(config.get("citation", "")),
+        unmappedNetworkLabels=tuple(str(name) for name in training.get("unmapped_network_labels", [])))
+
+
 def _requireFile(path: Path, role: str) -> None:
     if not path.is_file():
         raise ModelPackageError(_("The {role} file '{path}' is missing. Copy the complete package.").format(role=role, path=path))
