@@ -122,3 +122,31 @@ def test_extras_in_pyproject_are_the_ones_the_error_messages_name():
         assert names(extras[extra]) == set(packages)
         assert set(packages) <= names(extras["test"]), "CI must install what these tests import"
     assert all(re.search(r">=.*,<", r) for extra in EXTRAS for r in extras[extra]), "floor and ceiling versions"
+
+
+def test_an_isseg_package_with_a_new_atlas_that_lacks_one_organ(demo_package, labelled_atlas, tmp_path):
+    """The demo package as network, re-packaged with other cases that do not contour the gallbladder:
+    the gallbladder is reported and joins the background; the other organs keep their channels."""
+    import shutil
+
+    from isseg import model_package
+    from isseg.networks import predict_probabilities
+    from isseg.phantom import generate, training_spec
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(labelled_atlas, atlas)
+    description = json.loads((atlas / "dataset.json").read_text(encoding="utf-8"))
+    del description["labels"]["6"]
+    (atlas / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    for path in (atlas / "labelsTr").iterdir():
+        labels = sitk.ReadImage(str(path))
+        sitk.WriteImage(sitk.ChangeLabel(labels, changeMap={6: 0}), str(path))
+    summary = packaging.build_package(packaging.read_network(demo_package), atlas, tmp_path / "package")
+    assert summary["unmapped_network_labels"] == ["gallbladder"] and summary["network_kind"] == "monai"
+    package = model_package.load(tmp_path / "package")
+    assert package.config["network"]["output_classes"] == [[0, 6], [1], [2], [3], [4], [5]]
+    image = generate(training_spec(3, size=(48, 48, 32), spacing=(8.0, 8.0, 8.0))).image
+    prepared = package.network_kind.prepare(image)
+    probabilities = predict_probabilities(package.network_kind, package.build_network(), prepared.tensor,
+                                          torch.device("cpu"))
+    assert probabilities.shape[1] == 6 and torch.allclose(probabilities.sum(1), torch.ones(1), atol=1e-5)

@@ -224,7 +224,7 @@ def _validate_config(config: dict, config_path: Path) -> None:
         raise BadModelError(
             f"{config_path}: label values must be 1..N without gaps (got {values}). Fix the labels list."
         )
-    if config["network"].get("kind", KIND_MONAI) != KIND_MONAI:
+    if "output_classes" in config["network"] or config["network"].get("kind", KIND_MONAI) != KIND_MONAI:
         _validate_output_classes(config, config_path)
         return
     out_channels = config["network"].get("args", {}).get("out_channels")
