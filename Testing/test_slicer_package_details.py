@@ -11,7 +11,8 @@ import slicer_test_support  # noqa: F401  (puts the module folder on sys.path)
 from isseg import packaging
 from test_bundle_package import write_bundle
 
-from InferenceSpecificSegLib.models import describePackage, installModelPackage, packageDetails
+from InferenceSpecificSegLib.models import (DEMO_MODEL, describePackage, installModelPackage, modelDetailsText,
+                                            packageDetails)
 
 
 def test_a_bundle_package_is_installed_and_described(tmp_path, labelled_atlas):
@@ -27,6 +28,8 @@ def test_a_bundle_package_is_installed_and_described(tmp_path, labelled_atlas):
     assert details.atlasSource == str(labelled_atlas.resolve()) and details.unmappedNetworkLabels == ()
     text = details.text()
     assert "Network: MONAI bundle" in text and "Atlas: 2 labelled cases" in text and "Cite: A test bundle" in text
+    assert modelDetailsText(entry.location) == text and "phantom" in modelDetailsText(DEMO_MODEL)
+    assert "cannot be described" in modelDetailsText(str(tmp_path / "missing"))
 
 
 def test_details_are_read_without_torch(tmp_path, labelled_atlas):

@@ -122,6 +122,16 @@ def packageDetails(folder: Union[str, Path]) -> PackageDetails:
         unmappedNetworkLabels=tuple(str(name) for name in training.get("unmapped_network_labels", [])))
 
 
+def modelDetailsText(location: str) -> str:
+    """The panel's description of a model-list entry: the package details, or for the demo model what it is."""
+    if location == DEMO_MODEL:
+        return _("Network: MONAI network (isseg train), trained on generated phantoms; atlas: 8 phantom cases.")
+    try:
+        return packageDetails(location).text()
+    except (ModelPackageError, OSError, ValueError, KeyError, TypeError) as error:
+        return _("This package cannot be described: {error}").format(error=error)
+
+
 def _requireFile(path: Path, role: str) -> None:
     if not path.is_file():
         raise ModelPackageError(_("The {role} file '{path}' is missing. Copy the complete package.").format(role=role, path=path))
