@@ -173,3 +173,24 @@ def test_refuses_unknown_network_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BadModelError, match="not an nnU-Net v2 trained-model folder"):
         packaging.read_network(tmp_path / "empty")
+
+
+def test_the_orientation_the_network_was_trained_in_is_reproduced(nnunet_folder, labelled_atlas, inference_case,
+                                                                  tmp_path):
+    """--orientation RAS (TotalSegmentator's way): an LPS CT is given to nnU-Net in RAS voxel order and
+    the result comes back in the CT's own voxel order."""
+    packaging.build_package(packaging.read_network(nnunet_folder, "all", None, "ras"), labelled_atlas, tmp_path / "p")
+    package = model_package.load(tmp_path / "p")
+    kind = package.network_kind
+    prepared = kind.prepare(inference_case.image)
+    probabilities = predict_probabilities(kind, package.build_network(), prepared.tensor, torch.device("cpu"))
+    ours = kind.probabilities_on_input(probabilities[0].numpy(), prepared, inference_case.image)
+    in_ras = sitk.DICOMOrient(inference_case.image, "RAS")
+    channels = []
+    for channel in nnunet_predictor_probabilities(nnunet_folder, in_ras):
+        image = sitk.GetImageFromArray(channel)
+        image.CopyInformation(in_ras)
+        channels.append(sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS")))
+    assert np.abs(ours - np.stack(channels)).max() <= 1e-2
+    with pytest.raises(BadModelError, match="not an orientation code"):
+        packaging.read_network(nnunet_folder, "all", None, "RAP")

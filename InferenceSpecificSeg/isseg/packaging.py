@@ -47,9 +47,11 @@ class SourceNetwork:
     about: dict = field(default_factory=dict)
 
 
-def read_network(path: Path, fold: str | None = None, configuration: str | None = None) -> SourceNetwork:
+def read_network(path: Path, fold: str | None = None, configuration: str | None = None,
+                 orientation: str | None = None) -> SourceNetwork:
     """Read the network at `path`: an isseg package (model.json), a MONAI bundle (configs/), else an
-    nnU-Net v2 trained-model folder. Raises BadModelError saying what is wrong."""
+    nnU-Net v2 trained-model folder (`fold`, `configuration`, `orientation`: see
+    networks.nnunet.read_trained_model). Raises BadModelError saying what is wrong."""
     path = Path(path)
     if not path.is_dir():
         raise BadModelError(f"'{path}' is not a folder. Give an nnU-Net v2 trained-model folder, a MONAI "
@@ -63,7 +65,7 @@ def read_network(path: Path, fold: str | None = None, configuration: str | None 
         return SourceNetwork(entry, weights, labels, dict(about, **bundle.model_summary(entry)))
     from .networks import nnunet
 
-    entry, weights, labels = nnunet.read_trained_model(path, fold, configuration)
+    entry, weights, labels = nnunet.read_trained_model(path, fold, configuration, orientation)
     about = {"name": entry["plans"].get("dataset_name", path.name), "citation": NNUNET_CITATION,
              "description": f"nnU-Net v2 {entry['configuration']}, fold {entry['fold']}, trainer {entry['trainer']}",
              **{key: entry["dataset_json"][key] for key in ("license", "licence", "reference") if key in entry["dataset_json"]},

@@ -254,9 +254,13 @@ def find_trained_model_folder(path: Path, configuration: str | None) -> Path:
                         "or --configuration to choose one.")
 
 
-def read_trained_model(path: Path, fold: str | None, configuration: str | None) -> tuple[dict, dict, dict]:
+def read_trained_model(path: Path, fold: str | None, configuration: str | None,
+                       orientation: str | None = None) -> tuple[dict, dict, dict]:
     """(model.json network entry, network weights, network labels {value: name}) of an nnU-Net v2
-    trained-model folder. The weights are checked against the network its plans describe."""
+    trained-model folder. `orientation` (a SimpleITK code such as "RAS") is how the images the network
+    was trained on were oriented when nnU-Net read them; by default the orientation the plans' reader
+    gives an image stored in the usual way (LPS for SimpleITKIO, RAS for the nibabel readers).
+    TotalSegmentator reorients every CT to RAS before nnU-Net: give "RAS" for its models."""
     import json
 
     folder = find_trained_model_folder(path, configuration)
@@ -271,7 +275,7 @@ def read_trained_model(path: Path, fold: str | None, configuration: str | None) 
     configuration = configuration or trained or folder.name.split("__")[-1]
     if trained and trained != configuration:
         raise BadModelError(f"'{checkpoint_path}' was trained for configuration '{trained}', not '{configuration}'.")
-    orientation = READERS.get(plans.get("image_reader_writer"), ("zyx", "LPS"))[1]
+    orientation = check_orientation(orientation or READERS.get(plans.get("image_reader_writer"), ("zyx", "LPS"))[1])
     mirroring = checkpoint.get("inference_allowed_mirroring_axes")
     entry = {"kind": KIND_NNUNET, "plans": plans, "dataset_json": dataset_json, "configuration": configuration,
              "trainer": checkpoint.get("trainer_name", folder.name.split("__")[0]), "fold": str(fold),
@@ -280,6 +284,15 @@ def read_trained_model(path: Path, fold: str | None, configuration: str | None) 
     labels = {int(v): name for name, v in dataset_json["labels"].items() if isinstance(v, int) and v > 0
               and name != "ignore"}
     return entry, checkpoint["network_weights"], labels
+
+
+def check_orientation(code: str) -> str:
+    """`code` if it is a 3-letter orientation code (one of L/R, P/A, S/I per axis), else BadModelError."""
+    code = code.upper()
+    if len(code) != 3 or sorted(code.translate(str.maketrans("RAI", "LPS"))) != ["L", "P", "S"]:
+        raise BadModelError(f"'{code}' is not an orientation code: give 3 letters, one of L/R, P/A and S/I each "
+                            "(e.g. RAS or LPS).")
+    return code
 
 
 def _only_fold(folder: Path) -> str:
