@@ -163,6 +163,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         if index != self.ui.modelComboBox.currentIndex:
             self.ui.modelComboBox.currentIndex = index
+        # Network kind, labels, atlas size, licence and citation of the selected model (read from model.json).
+        self.ui.modelComboBox.toolTip = models.modelDetailsText(self._parameterNode.model)
         if self._deviceInfo is not None:
             self.ui.deviceInfoLabel.text = self._deviceInfo.describe(self._parameterNode.device.value)
         self.showStatus()
@@ -200,7 +202,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         self.refreshModelList()
         self._parameterNode.model = entry.location
-        self.ui.statusLabel.text = _("Installed the model '{title}'.").format(title=entry.title)
+        self.ui.statusLabel.text = _("Installed the model '{title}'.").format(title=entry.title) + "\n" + \
+            models.modelDetailsText(entry.location)
 
     def onStartButton(self) -> None:
         if self.logic.status.active:

@@ -217,7 +217,8 @@ def check_supported(plans_manager, configuration, label_manager, dataset_json: d
 def numpy_globals() -> list:
     """numpy's scalar and dtype reconstructors, which nnU-Net checkpoints hold in their training log;
     allowed for torch.load(weights_only=True) (they build numbers, never run code)."""
-    scalar = getattr(getattr(np, "_core", np.core), "multiarray").scalar
+    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed np.core
+    scalar = core.multiarray.scalar
     dtypes = [type(np.dtype(kind)) for kind in ("float64", "float32", "float16", "int64", "int32", "bool")]
     return [scalar, np.dtype, *dtypes]
 
