@@ -194,3 +194,19 @@ def test_the_orientation_the_network_was_trained_in_is_reproduced(nnunet_folder,
     assert np.abs(ours - np.stack(channels)).max() <= 1e-2
     with pytest.raises(BadModelError, match="not an orientation code"):
         packaging.read_network(nnunet_folder, "all", None, "RAP")
+
+
+def test_refine_without_the_extra_says_which_to_install(nnunet_package, inference_case, tmp_path):
+    """A worker whose Python lacks nnunetv2 stops with exit code 4 and names the extra to install."""
+    blocker = tmp_path / "site" / "nnunetv2"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('No module named nnunetv2 (simulated)')\n", encoding="utf-8")
+    input_path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(inference_case.image, str(input_path))
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(blocker.parent), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "isseg.cli", "refine", "--input", str(input_path), "--model",
+                             str(nnunet_package), "--output", str(tmp_path / "out"), "--progress", "json"],
+                            capture_output=True, text=True, encoding="utf-8", env=environment, timeout=300)
+    errors = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"event": "error"')]
+    assert result.returncode == 4 and errors and errors[0]["kind"] == "bad_model"
+    assert "optional extra 'nnunet'" in errors[0]["message"] and "pip install" in errors[0]["message"]
