@@ -210,3 +210,18 @@ def test_refine_without_the_extra_says_which_to_install(nnunet_package, inferenc
     errors = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"event": "error"')]
     assert result.returncode == 4 and errors and errors[0]["kind"] == "bad_model"
     assert "optional extra 'nnunet'" in errors[0]["message"] and "pip install" in errors[0]["message"]
+
+
+def test_fine_tuning_sees_the_full_resolution_head(nnunet_package, nnunet_folder):
+    """The checkpoint was saved from nnUNetTrainer's deep-supervision network; the package's network is
+    the same weights without deep supervision: one full-resolution output, the one the loss sees."""
+    from isseg.networks.nnunet import read_checkpoint
+
+    checkpoint = read_checkpoint(nnunet_folder / "fold_all" / "checkpoint_final.pth")
+    package = model_package.load(nnunet_package)
+    network = package.build_network()
+    patch = package.network_kind.patch_zyx
+    output = network(torch.zeros(1, 1, *patch))
+    assert isinstance(output, torch.Tensor) and output.shape == (1, 7, *patch)
+    state = network.network.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in checkpoint["network_weights"].items())
