@@ -225,3 +225,14 @@ def test_fine_tuning_sees_the_full_resolution_head(nnunet_package, nnunet_folder
     assert isinstance(output, torch.Tensor) and output.shape == (1, 7, *patch)
     state = network.network.state_dict()
     assert all(torch.equal(state[k], v) for k, v in checkpoint["network_weights"].items())
+
+
+def test_the_trained_model_folder_is_found_from_its_dataset_folder(nnunet_folder):
+    """TotalSegmentator's layout: DATASET/TRAINER__PLANS__CONFIGURATION/fold_N; the only fold is found."""
+    source = packaging.read_network(nnunet_folder.parent, None, "3d_fullres")
+    assert source.network["fold"] == "all" and source.network["configuration"] == "3d_fullres"
+    assert source.labels == {label["value"]: label["name"] for label in phantom.LABELS}
+    with pytest.raises(BadModelError, match="trainer folders found: none"):
+        packaging.read_network(nnunet_folder.parent, None, "2d")
+    with pytest.raises(BadModelError, match="choose a fold that was trained"):
+        packaging.read_network(nnunet_folder, "3", None)
