@@ -32,6 +32,7 @@ from .io import read_image, resample_to
 from .preprocess import image_tensor, to_model_grid, zyx
 from .terminology import describe_label
 from .training import StepSettings, train_step
+from .appearance import AppearanceRandomizer
 
 THRESHOLD_CANDIDATES = np.round(np.arange(0.05, 0.96, 0.05), 2)
 THRESHOLD_MIN_GAIN = 0.01
@@ -52,6 +53,7 @@ class TrainSettings:
     validation_fraction: float = 0.2
     evaluate_every: int = 100
     seed: int = 0
+    randomize_appearance: bool = False
     step: StepSettings = field(default_factory=lambda: StepSettings(intensity_scale=0.05, intensity_shift=0.02))
 
 
@@ -177,6 +179,7 @@ def train_package(dataset: Path, output: Path, settings: TrainSettings, events: 
         events.emit("stage", stage="resume", step=start_step)
 
     patch = zyx(settings.patch_size)
+    appearance = AppearanceRandomizer(names, settings.intensity_window) if settings.randomize_appearance else None
     images = _pad_to_common(train_images, 0.0)
     label_volumes = _pad_to_common(train_labels, 0)
     clock = RunClock(settings.steps - start_step)
@@ -184,7 +187,7 @@ def train_package(dataset: Path, output: Path, settings: TrainSettings, events: 
     recent_losses = []
     started = time.monotonic()
     for step in range(start_step + 1, settings.steps + 1):
-        loss = train_step(network, optimizer, loss_function, images, label_volumes, patch, rng, settings.step, device)
+        loss = train_step(network, optimizer, loss_function, images, label_volumes, patch, rng, settings.step, device, appearance)
         scheduler.step()
         recent_losses.append(loss)
         clock.advance(1)
@@ -277,6 +280,9 @@ def register(commands) -> None:
     parser.add_argument("--loss", choices=("dicece", "region_tversky"), default=defaults.loss)
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
     parser.add_argument("--evaluate-every", type=int, default=defaults.evaluate_every)
+    parser.add_argument("--randomize-appearance", action="store_true",
+                        help="draw each patch's appearance anew: contrast phase and random intensity per label, bias "
+                             "field, Gibbs ringing, blur, lower resolution, gamma, noise (isseg.appearance)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto")
@@ -287,6 +293,7 @@ def command_train(args) -> int:
     settings = TrainSettings(spacing=tuple(args.spacing), intensity_window=tuple(args.window), patch_size=tuple(args.patch),
                              channels=tuple(args.channels), steps=args.steps, learning_rate=args.learning_rate,
                              loss=args.loss, validation_fraction=args.validation_fraction,
-                             evaluate_every=args.evaluate_every, seed=args.seed)
+                             evaluate_every=args.evaluate_every, seed=args.seed,
+                             randomize_appearance=args.randomize_appearance)
     train_package(Path(args.dataset), Path(args.output), settings, EventWriter(mode=args.progress), args.device, args.name)
     return 0

@@ -72,12 +72,17 @@ def augment_intensity(patches: torch.Tensor, rng: np.random.Generator, settings:
 
 def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: torch.nn.Module,
                images: torch.Tensor, labels: torch.Tensor, patch_zyx, rng: np.random.Generator,
-               settings: StepSettings, device: torch.device) -> float:
-    """One optimiser step on a fresh batch of patches; returns the loss value."""
+               settings: StepSettings, device: torch.device, appearance=None) -> float:
+    """One optimiser step on a fresh batch of patches; returns the loss value. `appearance`, when
+    given, is a callable (patches, labels, rng) -> patches applied after the intensity augmentation
+    (isseg.appearance.AppearanceRandomizer)."""
     network.train()
     image_patches, label_patches = sample_patches(images, labels, patch_zyx, settings.batch_size, rng,
                                                   settings.foreground_fraction)
-    image_patches = augment_intensity(image_patches, rng, settings).to(device)
+    image_patches = augment_intensity(image_patches, rng, settings)
+    if appearance is not None:
+        image_patches = appearance(image_patches, label_patches, rng)
+    image_patches = image_patches.to(device)
     label_patches = label_patches.to(device)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
