@@ -1,0 +1,250 @@
+"""Measurements of the real-anatomy model (scripts/train_realct_model.py) for BENCHMARKS.md.
+
+    python benchmarks/realct_model.py real --model NAME=PACKAGE ... [--data-dir ../shared/data] [--results DIR]
+    python benchmarks/realct_model.py anatomy --model NAME=PACKAGE ... [--cases 10] [--results DIR]
+
+`real`: every real CT beside the project that has a reference for an organ the models know (the
+20-slice upper-abdomen DICOM with TotalSegmentator labels; the chest crop with an aorta mask; the
+other chest crop has only a heart, which no model here segments): `isseg refine` with its defaults,
+Dice per organ of the first mask and of the refined one, a table (real_ct.md, real_ct.csv) and a
+figure of the first named model's masks (real_ct_masks.png).
+
+`anatomy`: the first masks of each model (no refinement) on anatomy it may not have seen: shifted
+procedural phantoms (isseg.phantom.shifted_spec, seeds 2000...) and synthetic CT of the ICRP adult
+male (held-out seeds), Dice on the organs both kinds of case have (anatomy.md, anatomy.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCHMARKS_DIR))
+sys.path.insert(0, str(BENCHMARKS_DIR.parent / "scripts"))
+
+import real_anatomy as ra  # noqa: E402
+import synthetic_ct as sct  # noqa: E402
+import train_realct_model as recipe  # noqa: E402
+from isseg import model_package, phantom  # noqa: E402
+from isseg.inference import predict_probabilities  # noqa: E402
+from isseg.io import read_image, resample_to  # noqa: E402
+from isseg.metrics import dice_per_label  # noqa: E402
+from isseg.postprocess import labels_on_grid  # noqa: E402
+from isseg.preprocess import image_tensor, to_model_grid, zyx  # noqa: E402
+
+#: Organs of the procedural phantoms, which the ICRP cases have too (values of isseg.phantom).
+SHARED_ORGANS = dict(enumerate(phantom.ORGAN_NAMES, start=1))
+ANATOMY_TEST_SEED = 9  # ICRP test cases: rng [9, index], apart from the recipe's training seeds [0, ...]
+
+
+def real_cases(data_dir: Path) -> list[dict]:
+    """The real CTs with a reference: input path, reference image, {reference value: organ name}."""
+    real = data_dir / "real_ct"
+    classes = json.loads((real / "totalsegmentator_total_classes.json").read_text(encoding="utf-8"))
+    abdomen_ids = {int(i): name for i, name in classes.items() if name in ra.TOTALSEG_NAME.values()}
+    return [
+        {"case": "abdomen_dicom", "input": real / "totalseg_dicom_abdomen" / "dicom",
+         "reference": real / "totalseg_dicom_abdomen" / "labels_totalsegmentator.nii.gz", "organs": abdomen_ids},
+        {"case": "chest_b", "input": real / "totalseg_chest" / "chest_b_ct.nii.gz",
+         "reference": real / "totalseg_chest" / "chest_b_aorta.nii.gz", "organs": {1: "aorta"}},
+    ]
+
+
+def reference_on(image: sitk.Image, path: Path) -> np.ndarray:
+    reference = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(sitk.Resample(reference, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                sitk.sitkUInt16))
+
+
+def organ_rows(model: str, case: dict, variant: str, prediction: np.ndarray, reference: np.ndarray,
+               names: dict[int, str], voxel_ml: float) -> list[dict]:
+    """Per organ the model and the reference share: Dice and volumes (Dice NaN where the reference lacks it)."""
+    by_totalseg_name = {ra.TOTALSEG_NAME.get(name, name): value for value, name in names.items()}
+    rows = []
+    for reference_id, reference_name in case["organs"].items():
+        value = by_totalseg_name.get(reference_name)
+        if value is None:
+            continue
+        predicted, truth = prediction == value, reference == reference_id
+        rows.append({"model": model, "case": case["case"], "variant": variant, "organ": names[value],
+                     "dice": ra.dice(predicted, truth) if truth.any() else float("nan"),
+                     "predicted_ml": round(float(predicted.sum()) * voxel_ml, 1),
+                     "reference_ml": round(float(truth.sum()) * voxel_ml, 1)})
+    return rows
+
+
+def run_real(args) -> None:
+    rows, figure_inputs = [], []
+    for model_index, (model, package) in enumerate(args.model):
+        names = {label["value"]: label["name"] for label in model_package.load(package, check_atlas=False).labels}
+        for case in real_cases(args.data_dir):
+            output = args.work / model / case["case"]
+            ra.run_logged(ra.isseg_command("refine", "--input", case["input"], "--model", package, "--output", output,
+                                           "--progress", "json", "--seed", str(args.seed), "--device", args.device),
+                          args.work / f"{model}_{case['case']}.log")
+            image = read_image(case["input"])
+            reference = reference_on(image, case["reference"])
+            voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+            masks = {variant: sitk.GetArrayFromImage(sitk.ReadImage(str(output / file)))
+                     for variant, file in (("initial", "snapshot_0000.nrrd"), ("refined", "labelmap.nrrd"))}
+            for variant, mask in masks.items():
+                rows.extend(organ_rows(model, case, variant, mask, reference, names, voxel_ml))
+            if model_index == 0 and case["case"] == "abdomen_dicom":
+                figure_inputs = [image, masks, reference, names, case]
+    args.results.mkdir(parents=True, exist_ok=True)
+    ra.write_csv(rows, args.results / "real_ct.csv")
+    (args.results / "real_ct.md").write_text(real_markdown(rows), encoding="utf-8")
+    if figure_inputs:
+        mask_figure(*figure_inputs, args.results / "real_ct_masks.png", title=args.model[0][0])
+    print((args.results / "real_ct.md").read_text(encoding="utf-8"))
+
+
+def real_markdown(rows: list[dict]) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = ["| case | organ | reference ml | " + " | ".join(f"{m} initial | {m} refined" for m in models) + " |",
+             "|---|---|---|" + "---|---|" * len(models)]
+    keys = list(dict.fromkeys((r["case"], r["organ"]) for r in rows))
+    by_key = {(r["model"], r["case"], r["organ"], r["variant"]): r for r in rows}
+    for case, organ in keys:
+        cells, reference_ml = [], None
+        for model in models:
+            for variant in ("initial", "refined"):
+                row = by_key.get((model, case, organ, variant))
+                if row is None:
+                    cells.append("-")
+                    continue
+                reference_ml = row["reference_ml"]
+                cells.append(f"{ra._fmt(row['dice'])} ({row['predicted_ml']:.0f} ml)")
+        lines.append(f"| {case} | {organ} | {reference_ml:.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nDice (predicted volume). Dice '-': the model has no such label; NaN: the " \
+                              "reference has none of the organ on these slices (the volume is then false positive).\n"
+
+
+def mask_figure(image: sitk.Image, masks: dict, reference: np.ndarray, names: dict, case: dict, path: Path,
+                title: str) -> Path:
+    """Three axial slices of the real CT: reference contours, the first mask, the refined mask."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ct = sitk.GetArrayFromImage(image)
+    by_name = {ra.TOTALSEG_NAME.get(n, n): v for v, n in names.items()}
+    reference_as_model = np.zeros_like(masks["initial"])
+    for reference_id, name in case["organs"].items():
+        if name in by_name:
+            reference_as_model[reference == reference_id] = by_name[name]
+    slices = [int(ct.shape[0] * f) for f in (0.2, 0.5, 0.8)]
+    panels = (("reference (TotalSegmentator)", reference_as_model), (f"{title}: first mask", masks["initial"]),
+              (f"{title}: after ISL", masks["refined"]))
+    figure, axes = plt.subplots(len(slices), 3, figsize=(12, 4 * len(slices)))
+    colours = plt.get_cmap("tab10")
+    for row, z in enumerate(slices):
+        for column, (label, mask) in enumerate(panels):
+            axis = axes[row, column]
+            axis.imshow(ct[z], cmap="gray", vmin=-200, vmax=300)
+            for value, name in names.items():
+                if (mask[z] == value).any():
+                    axis.contour(mask[z] == value, levels=[0.5], colors=[colours(value % 10)], linewidths=1.2)
+            axis.set_title(f"{label}, slice {z}", fontsize=9)
+            axis.axis("off")
+    handles = [plt.Line2D([], [], color=colours(v % 10), label=n) for v, n in names.items()]
+    figure.legend(handles=handles, loc="lower center", ncol=len(names), fontsize=9)
+    figure.tight_layout(rect=(0, 0.03, 1, 1))
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path
+
+
+def anatomy_test_cases(data_dir: Path, count: int) -> list[tuple[str, str, sitk.Image, sitk.Image]]:
+    """(kind, id, image HU, labels with SHARED_ORGANS values) of both test sets."""
+    cases = []
+    for seed in range(2000, 2000 + count):
+        case = phantom.generate(phantom.shifted_spec(seed))
+        cases.append(("phantoms (shifted)", f"phantom_{seed}", case.image, case.labels))
+    trunk = recipe.icrp_trunk(data_dir / "icrp110", (4.0, 4.0, 4.0))
+    tissue_hu = sct.icrp_tissue_hu(data_dir / "icrp110")
+    for index in range(count):
+        rng = np.random.default_rng([ANATOMY_TEST_SEED, index])
+        phase = list(sct.ICRP_ENHANCEMENT_HU)[index % len(sct.ICRP_ENHANCEMENT_HU)]
+        image, labels, _ = recipe.icrp_case(trunk, tissue_hu, rng, recipe.ATLAS_VARIATION, phase, atlas=True)
+        cases.append(("ICRP adult male", f"icrp_test_{index:02d}", image, labels))
+    return cases
+
+
+def first_mask(package: model_package.ModelPackage, network, image: sitk.Image) -> np.ndarray:
+    """The model's first mask on the image's grid, as `isseg refine` publishes it (largest components)."""
+    model_image = to_model_grid(image, package.spacing, package.orientation)
+    probabilities = predict_probabilities(network, image_tensor(model_image, package.intensity_window),
+                                          zyx(package.patch_size), network_device(network))[0].numpy()
+    return sitk.GetArrayFromImage(labels_on_grid(probabilities, model_image, image, package.labels, True))
+
+
+def network_device(network):
+    return next(network.parameters()).device
+
+
+def run_anatomy(args) -> None:
+    cases = anatomy_test_cases(args.data_dir, args.cases)
+    rows = []
+    for model, path in args.model:
+        package = model_package.load(path, check_atlas=False)
+        network = package.build_network()
+        value_of = {label["name"]: label["value"] for label in package.labels}
+        for kind, case_id, image, labels in cases:
+            prediction = first_mask(package, network, image)
+            truth = sitk.GetArrayFromImage(resample_to(labels, image, is_label=True))
+            for value, organ in SHARED_ORGANS.items():
+                predicted = (prediction == value_of[organ]).astype(np.uint8)
+                dice = dice_per_label(predicted, (truth == value).astype(np.uint8), [1])[0]
+                rows.append({"model": model, "test": kind, "case": case_id, "organ": organ, "dice": dice})
+        print(f"{model}: done", flush=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    ra.write_csv(rows, args.results / "anatomy.csv")
+    (args.results / "anatomy.md").write_text(anatomy_markdown(rows), encoding="utf-8")
+    print((args.results / "anatomy.md").read_text(encoding="utf-8"))
+
+
+def anatomy_markdown(rows: list[dict]) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    tests = list(dict.fromkeys(r["test"] for r in rows))
+    lines = ["| model | " + " | ".join(f"Dice on {t}" for t in tests) + " |", "|---|" + "---|" * len(tests)]
+    for model in models:
+        cells = []
+        for test in tests:
+            values = [r["dice"] for r in rows if r["model"] == model and r["test"] == test]
+            cells.append(ra._fmt(float(np.nanmean(values))))
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines.append("\nMean over cases and the organs " + ", ".join(SHARED_ORGANS.values()) + " (first masks, no ISL).")
+    for model in models:
+        for test in tests:
+            per_organ = {o: float(np.nanmean([r["dice"] for r in rows if r["model"] == model and r["test"] == test
+                                              and r["organ"] == o])) for o in SHARED_ORGANS.values()}
+            lines.append(f"- {model} on {test}: " + ", ".join(f"{o} {ra._fmt(d)}" for o, d in per_organ.items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("part", choices=("real", "anatomy"))
+    parser.add_argument("--model", nargs="+", required=True, type=lambda text: tuple(text.split("=", 1)),
+                        help="NAME=PACKAGE (a package folder, or 'demo'); the first one is drawn in the figure")
+    parser.add_argument("--data-dir", type=Path, default=sct.DEFAULT_DATA_DIR)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/isseg-realct-benchmark"))
+    parser.add_argument("--results", type=Path, default=BENCHMARKS_DIR / "results" / "realct")
+    parser.add_argument("--cases", type=int, default=10, help="anatomy: test cases of each kind")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    (run_real if args.part == "real" else run_anatomy)(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
