@@ -5,8 +5,8 @@
 
 `real`: every real CT beside the project that has a reference for an organ the models know (the
 20-slice upper-abdomen DICOM with TotalSegmentator labels; the chest crop with an aorta mask; the
-other chest crop has only a heart, which no model here segments): `isseg refine` with its defaults,
-Dice per organ of the first mask and of the refined one, a table (real_ct.md, real_ct.csv) and a
+other chest crop has only a heart, which no model here segments): `isseg refine` with its defaults
+for the MODEL:CASE pairs of --refine, the first mask alone for the others; Dice per organ, a table (real_ct.md, real_ct.csv) and a
 figure of the first named model's masks (real_ct_masks.png).
 
 `anatomy`: the first masks of each model (no refinement) on anatomy it may not have seen: shifted
@@ -84,18 +84,17 @@ def run_real(args) -> None:
     for model_index, (model, package) in enumerate(args.model):
         names = {label["value"]: label["name"] for label in model_package.load(package, check_atlas=False).labels}
         for case in real_cases(args.data_dir):
-            output = args.work / model / case["case"]
-            ra.run_logged(ra.isseg_command("refine", "--input", case["input"], "--model", package, "--output", output,
-                                           "--progress", "json", "--seed", str(args.seed), "--device", args.device),
-                          args.work / f"{model}_{case['case']}.log")
             image = read_image(case["input"])
             reference = reference_on(image, case["reference"])
             voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
-            masks = {variant: sitk.GetArrayFromImage(sitk.ReadImage(str(output / file)))
-                     for variant, file in (("initial", "snapshot_0000.nrrd"), ("refined", "labelmap.nrrd"))}
+            if (model, case["case"]) in args.refine:
+                masks = refined_masks(args, model, package, case)
+            else:
+                loaded = model_package.load(package, check_atlas=False)
+                masks = {"initial": first_mask(loaded, loaded.build_network(), image)}
             for variant, mask in masks.items():
                 rows.extend(organ_rows(model, case, variant, mask, reference, names, voxel_ml))
-            if model_index == 0 and case["case"] == "abdomen_dicom":
+            if model_index == 0 and "refined" in masks and case["case"] == "abdomen_dicom":
                 figure_inputs = [image, masks, reference, names, case]
     args.results.mkdir(parents=True, exist_ok=True)
     ra.write_csv(rows, args.results / "real_ct.csv")
@@ -103,6 +102,17 @@ def run_real(args) -> None:
     if figure_inputs:
         mask_figure(*figure_inputs, args.results / "real_ct_masks.png", title=args.model[0][0])
     print((args.results / "real_ct.md").read_text(encoding="utf-8"))
+
+
+def refined_masks(args, model: str, package: str, case: dict) -> dict[str, np.ndarray]:
+    """First and refined masks of `isseg refine` (defaults) on a real case; a finished run is reused."""
+    output = args.work / model / case["case"]
+    if not (output / "labelmap.nrrd").is_file():
+        ra.run_logged(ra.isseg_command("refine", "--input", case["input"], "--model", package, "--output", output,
+                                       "--progress", "json", "--seed", str(args.seed), "--device", args.device),
+                      args.work / f"{model}_{case['case']}.log")
+    return {variant: sitk.GetArrayFromImage(sitk.ReadImage(str(output / file)))
+            for variant, file in (("initial", "snapshot_0000.nrrd"), ("refined", "labelmap.nrrd"))}
 
 
 def real_markdown(rows: list[dict]) -> str:
@@ -122,7 +132,7 @@ def real_markdown(rows: list[dict]) -> str:
                 reference_ml = row["reference_ml"]
                 cells.append(f"{ra._fmt(row['dice'])} ({row['predicted_ml']:.0f} ml)")
         lines.append(f"| {case} | {organ} | {reference_ml:.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nDice (predicted volume). Dice '-': the model has no such label; NaN: the " \
+    return "\n".join(lines) + "\n\nDice (predicted volume). '-': the model has no such label, or that run was not made; n/a: the " \
                               "reference has none of the organ on these slices (the volume is then false positive).\n"
 
 
@@ -238,10 +248,15 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", type=Path, default=sct.DEFAULT_DATA_DIR)
     parser.add_argument("--work", type=Path, default=Path("/tmp/isseg-realct-benchmark"))
     parser.add_argument("--results", type=Path, default=BENCHMARKS_DIR / "results" / "realct")
+    parser.add_argument("--refine", nargs="*", default=None, type=lambda text: tuple(text.split(":", 1)),
+                        help="real: MODEL:CASE pairs refined with ISL (default every pair; the others get the "
+                             "first mask only), cases abdomen_dicom and chest_b")
     parser.add_argument("--cases", type=int, default=10, help="anatomy: test cases of each kind")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.refine is None:
+        args.refine = [(name, case) for name, _ in args.model for case in ("abdomen_dicom", "chest_b")]
     (run_real if args.part == "real" else run_anatomy)(args)
     return 0
 
