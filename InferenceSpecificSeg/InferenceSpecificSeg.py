@@ -31,6 +31,10 @@ from InferenceSpecificSegLib.settings import AlignmentMode, Device, Loss, RunSet
 from InferenceSpecificSegLib.worker import WorkerError, queryDevices, workerEnvironment
 
 
+# Each library module after the ones it imports (onReload reloads them in this order).
+LIBRARY_MODULES_IN_IMPORT_ORDER = ("i18n", "settings", "protocol", "worker", "models", "dependencies", "segmentation", "logic")
+
+
 class InferenceSpecificSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
@@ -66,15 +70,15 @@ DEFAULT_SETTINGS = RunSettings()
 @parameterNodeWrapper
 class InferenceSpecificSegParameterNode:
     """inputVolume: the CT to segment. model: "demo" or the folder of an installed model package.
-    device, iterations (fine-tuning steps), alignment, movingAverage (m in P = m P + (1 - m) P_t), loss:
+    device, steps (fine-tuning steps), alignment, momentum (m in P = m P + (1 - m) P_t), loss:
     the run's options. outputSegmentation: the result of the latest run."""
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     model: str = models.DEMO_MODEL
     device: Device = DEFAULT_SETTINGS.device
-    iterations: Annotated[int, WithinRange(1, 5000)] = DEFAULT_SETTINGS.steps
+    steps: Annotated[int, WithinRange(1, 5000)] = DEFAULT_SETTINGS.steps
     alignment: AlignmentMode = DEFAULT_SETTINGS.alignment
-    movingAverage: Annotated[float, WithinRange(0.0, 0.99), Decimals(2), SingleStep(0.05)] = DEFAULT_SETTINGS.movingAverage
+    momentum: Annotated[float, WithinRange(0.0, 0.99), Decimals(2), SingleStep(0.05)] = DEFAULT_SETTINGS.momentum
     loss: Loss = DEFAULT_SETTINGS.loss
     outputSegmentation: slicer.vtkMRMLSegmentationNode
 
@@ -117,9 +121,19 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.initializeParameterNode()
         self.showStatus()
 
+    def onReload(self) -> None:
+        """Slicer's Reload re-imports only this file: re-import the library first, leaves before their users."""
+        import importlib
+        import sys
+
+        for name in LIBRARY_MODULES_IN_IMPORT_ORDER:
+            if f"InferenceSpecificSegLib.{name}" in sys.modules:
+                importlib.reload(sys.modules[f"InferenceSpecificSegLib.{name}"])
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self) -> None:
         self.pollTimer.stop()
-        self.logic.stopNow()
+        self.logic.run.stopNow()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -131,7 +145,7 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
     def onSceneStartClose(self, caller, event) -> None:
         # The run's nodes are about to go away: end the worker instead of leaving it running.
         self.pollTimer.stop()
-        self.logic.stopNow()
+        self.logic.run.stopNow()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -206,8 +220,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             models.modelDetailsText(entry.location)
 
     def onStartButton(self) -> None:
-        if self.logic.status.active:
-            self.logic.cancel()
+        if self.logic.run.status.active:
+            self.logic.run.cancel()
             self.showStatus()
             return
         if not self.ensureDependencies():
@@ -215,15 +229,15 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         parameters = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not start the run."), waitCursor=True):
             self.showDevice()
-            settings = RunSettings(parameters.iterations, parameters.device, parameters.alignment,
-                                   parameters.movingAverage, parameters.loss)
-            self.logic.start(parameters.inputVolume, parameters.model, settings)
+            settings = RunSettings(parameters.steps, parameters.device, parameters.alignment,
+                                   parameters.momentum, parameters.loss)
+            self.logic.run.start(parameters.inputVolume, parameters.model, settings)
             slicer.util.setSliceViewerLayers(background=parameters.inputVolume, fit=True)
             self.pollTimer.start()
         self.showStatus()
 
     def onPollTimer(self) -> None:
-        status = self.logic.poll()
+        status = self.logic.run.poll()
         # The run goes on while another module is shown: record its result even then.
         parameterNode = self.logic.getParameterNode()
         if status.segmentationNode is not None and parameterNode.outputSegmentation is not status.segmentationNode:
@@ -236,7 +250,7 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def showStatus(self) -> None:
         """Start/Cancel button, progress bar, status line and the enabled state of the inputs."""
-        status = self.logic.status
+        status = self.logic.run.status
         running = status.active
         hasInput = bool(self._parameterNode and self._parameterNode.inputVolume)
         self.ui.startButton.text = _("Cancel") if running else _("Start")
@@ -315,14 +329,15 @@ def pythonSlicerExecutable() -> str:
     return shutil.which("PythonSlicer") or "PythonSlicer"
 
 
-class InferenceSpecificSegLogic(ScriptedLoadableModuleLogic, RefinementLogic):
-    """The module's parameter node plus RefinementLogic on Slicer's scene, with PythonSlicer as the
-    worker's interpreter, run folders in Slicer's temporary folder and model packages in the user's
-    settings folder."""
+class InferenceSpecificSegLogic(ScriptedLoadableModuleLogic):
+    """The module's parameter node, and `run`: the RefinementLogic on Slicer's scene, with PythonSlicer as
+    the worker's interpreter and run folders in Slicer's temporary folder; model packages are installed
+    in the user's settings folder. (Composition: ScriptedLoadableModuleLogic.__init__ calls
+    super().__init__() without arguments, so the run logic cannot be a second base class.)"""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        RefinementLogic.__init__(self, slicer.mrmlScene, pythonSlicerExecutable(), workDirectory=slicer.app.temporaryPath)
+        self.run = RefinementLogic(slicer.mrmlScene, pythonSlicerExecutable(), workDirectory=slicer.app.temporaryPath)
         self.modelsDirectory = models.installedModelsDirectory(os.path.dirname(slicer.app.slicerUserSettingsFilePath))
 
     def getParameterNode(self):
@@ -330,7 +345,7 @@ class InferenceSpecificSegLogic(ScriptedLoadableModuleLogic, RefinementLogic):
 
     def queryDevices(self):
         """DeviceInfo from the worker (starts torch in a separate process; takes a few seconds)."""
-        return queryDevices(self.pythonExecutable, workerEnvironment(self.moduleDirectory))
+        return queryDevices(self.run.pythonExecutable, workerEnvironment(self.run.moduleDirectory))
 
 
 def addSyntheticAbdomenVolume(name: str = "ISL test CT"):
@@ -371,18 +386,18 @@ class InferenceSpecificSegTest(ScriptedLoadableModuleTest):
             self.skipTest(f"Python packages not installed: {', '.join(missing)} (press Start in the module once)")
         self.delayDisplay("Starting a run of the demo model on a synthetic CT")
         logic = InferenceSpecificSegLogic()
-        logic.start(addSyntheticAbdomenVolume(), models.DEMO_MODEL, RunSettings(steps=20, device=Device.CPU))
+        logic.run.start(addSyntheticAbdomenVolume(), models.DEMO_MODEL, RunSettings(steps=20, device=Device.CPU))
         deadline = time.monotonic() + 900
-        while logic.poll().active:
+        while logic.run.poll().active:
             self.assertLess(time.monotonic(), deadline, "The run took more than 15 minutes")
             slicer.app.processEvents()
             time.sleep(0.1)
-        status = logic.status
+        status = logic.run.status
         self.assertEqual(status.state, RunState.DONE, status.message)
         self.assertGreaterEqual(status.resultsLoaded, 2, "The segmentation should have been updated at least twice")
         segmentation = status.segmentationNode.GetSegmentation()
         self.assertIs(status.segmentationNode.GetScene(), slicer.mrmlScene)
         names = [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
-        self.assertEqual(names, [segment.name for segment in logic.segments])
+        self.assertEqual(names, [segment.name for segment in logic.run.segments])
         self.assertTrue(names)
         self.delayDisplay("Test passed")

@@ -114,14 +114,17 @@ FAKE_CLI = r'''
 """A stand-in for the engine's worker CLI that follows docs/worker-protocol.md with synthetic results.
 --model selects the behaviour: "fake" (quick), "fake-slow", "fake-bad-model" (error event),
 "fake-crash" (dies mid-line), "fake-stubborn" (ignores cancelling, starts a child process),
-"fake-unreadable-result" (announces a final labelmap that does not exist)."""
+"fake-unreadable-result" (announces a final labelmap that does not exist), "fake-deaf" (slow, and
+stops on SIGTERM only, as the engine busy in one long operation)."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-SEGMENTS = [{"value": 1, "name": "liver", "color": [0.86, 0.55, 0.42], "terminology": {}},
+SEGMENTS = [{"value": 1, "name": "liver", "color": [0.86, 0.55, 0.42], "terminology": {
+                "category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},
+                "type": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"}}},
             {"value": 2, "name": "spleen", "color": [0.62, 0.35, 0.71], "terminology": {}}]
 cancelled = False
 
@@ -179,10 +182,10 @@ def main(arguments):
     if model == "fake-stubborn":
         while True:
             time.sleep(1)
-    delay = 0.3 if model == "fake-slow" else 0.02
+    delay = 0.3 if model in ("fake-slow", "fake-deaf") else 0.02
     emit(event="stage", stage="refine")
     for step in range(1, steps + 1):
-        if cancelled or (output / "cancel").exists():
+        if cancelled or (model != "fake-deaf" and (output / "cancel").exists()):
             labelmap = writeLabels(reference, 2 + step, output / "labelmap.nrrd")
             emit(event="cancelled", labelmap=labelmap, report=str(output / "report.json"), partial=True)
             return 6
@@ -235,3 +238,17 @@ def processGroupMembers(groupId: int) -> list:
             if int(fields[2]) == groupId and fields[0] != "Z":
                 members.append(int(entry.name))
     return members
+
+
+LAUNCHER = r'''
+"""Like PythonSlicer (CTK AppLauncher): starts the real interpreter as its child, waits for it, exits with
+its exit code, and forwards no signal (SIGTERM ends the launcher alone)."""
+import subprocess, sys
+sys.exit(subprocess.call([sys.executable, *sys.argv[1:]]))
+'''
+
+
+def writeLauncher(directory: Path) -> Path:
+    path = Path(directory) / "launcher.py"
+    path.write_text(LAUNCHER, encoding="utf-8")
+    return path

@@ -71,7 +71,7 @@ def test_ui_parameter_bindings_name_parameters_of_the_parameter_node():
                          if isinstance(node, ast.ClassDef) and node.name == "InferenceSpecificSegParameterNode")
     parameters = {statement.target.id for statement in parameterNode.body if isinstance(statement, ast.AnnAssign)}
     assert set(bound.values()) <= parameters
-    assert set(bound.values()) == {"inputVolume", "device", "iterations", "alignment", "movingAverage", "loss"}
+    assert set(bound.values()) == {"inputVolume", "device", "steps", "alignment", "momentum", "loss"}
 
 
 def test_module_cmake_lists_every_script_and_resource_and_nothing_else():

@@ -104,3 +104,47 @@ def test_devices_are_read_from_the_worker(engine):
     gpu = DeviceInfo(cuda=True, name="NVIDIA H100", memoryGiB=79.6)
     assert "NVIDIA H100 (80 GiB)" in gpu.describe("auto") and "CPU" in gpu.describe("cpu")
     assert "No usable CUDA GPU" in info.describe("cuda")
+
+
+def startThroughLauncher(engine, tmp_path, model):
+    from slicer_test_support import writeLauncher
+
+    moduleDirectory, inputPath, output = engine
+    command = [sys.executable, str(writeLauncher(tmp_path)), "-m", "isseg.cli", "refine", "--input", str(inputPath),
+               "--model", model, "--output", str(output), "--steps", "500"]
+    return WorkerProcess(command, output, output.parent / "worker.log", workerEnvironment(moduleDirectory))
+
+
+def cancelAsThePanelDoes(worker, signalAfterSeconds=1.0, timeoutSeconds=20.0):
+    """What RefinementLogic.poll does after a cancel: escalate to SIGTERM, kill when overdue."""
+    worker.requestCancel()
+    events = []
+
+    def step():
+        events.extend(worker.takeEvents())
+        worker.escalateCancel(signalAfterSeconds)
+        if worker.cancelOverdue(timeoutSeconds):
+            worker.kill()
+        return worker.finished
+
+    waitUntil(step, 60)
+    return events + worker.takeEvents()
+
+
+def test_cancel_through_a_launcher_reaches_the_interpreter_by_the_cancel_file(engine, tmp_path):
+    worker = startThroughLauncher(engine, tmp_path, "fake-slow")
+    waitUntil(lambda: (engine[2] / "snapshot_0000.nrrd").exists())
+    events = cancelAsThePanelDoes(worker)
+    assert events[-1]["event"] == "cancelled" and (engine[2] / "labelmap.nrrd").exists()
+    assert worker.returnCode == 6  # the launcher passed on the interpreter's exit code: nothing was killed
+    assert processGroupMembers(worker.pid) == []
+
+
+def test_cancel_through_a_launcher_signals_the_whole_process_group(engine, tmp_path):
+    """The interpreter does not look at the cancel file (busy): SIGTERM must reach it, not just the launcher."""
+    worker = startThroughLauncher(engine, tmp_path, "fake-deaf")
+    waitUntil(lambda: (engine[2] / "snapshot_0000.nrrd").exists())
+    events = cancelAsThePanelDoes(worker)
+    assert events and events[-1]["event"] == "cancelled" and events[-1]["partial"] is True
+    assert (engine[2] / "labelmap.nrrd").exists()  # the partial result was written before anything was killed
+    assert processGroupMembers(worker.pid) == []

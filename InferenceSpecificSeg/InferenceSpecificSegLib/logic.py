@@ -52,17 +52,18 @@ class RefinementLogic:
 
     `pythonExecutable` runs the worker (PythonSlicer in Slicer), `moduleDirectory` is the folder that holds
     the `isseg` package (put first on the worker's PYTHONPATH), `workDirectory` the parent of the private
-    run folders, `cancelTimeoutSeconds` how long a cancelled worker may take to exit before its process
-    tree is killed.
+    run folders; a cancel writes the cancel file, `cancelSignalSeconds` later SIGTERM goes to the worker's
+    process group, and `cancelTimeoutSeconds` after the cancel the process tree is killed.
     """
 
     def __init__(self, scene, pythonExecutable: str, moduleDirectory=MODULE_DIRECTORY, workDirectory=None,
-                 cancelTimeoutSeconds: float = 20.0):
+                 cancelTimeoutSeconds: float = 20.0, cancelSignalSeconds: float = 3.0):
         self.scene = scene
         self.pythonExecutable = pythonExecutable
         self.moduleDirectory = Path(moduleDirectory)
         self.workDirectory = workDirectory
         self.cancelTimeoutSeconds = cancelTimeoutSeconds
+        self.cancelSignalSeconds = cancelSignalSeconds
         self.status = RunStatus()
         self.runDirectory: Optional[Path] = None
         self.segments: list = []  # protocol.SegmentDescription of the current run, from segments.json
@@ -121,6 +122,7 @@ class RefinementLogic:
             self._finalResultLoaded = newestIsFinal and loaded
         if self.status.state == RunState.RUNNING:
             self.status.message = self.status.progress.describe()
+        self._worker.escalateCancel(self.cancelSignalSeconds)
         if self._worker.cancelOverdue(self.cancelTimeoutSeconds):
             logging.warning("InferenceSpecificSeg worker did not stop within %g s; killing it", self.cancelTimeoutSeconds)
             self._worker.kill()

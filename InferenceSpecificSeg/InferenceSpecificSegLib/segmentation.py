@@ -170,7 +170,8 @@ class LiveSegmentation:
             segment.SetName(description.name)
             segment.SetColor(*description.color)
             if description.terminology:
-                segment.SetTerminology(terminologyEntry(description.terminology))
+                # The terminology tag: what SetTerminology (only from Slicer 5.10) sets; present since 5.8 and older.
+                segment.SetTag(segment.GetTerminologyEntryTagName(), terminologyEntry(description.terminology))
             segmentation.AddSegment(segment, segmentId)
         return segmentId
 

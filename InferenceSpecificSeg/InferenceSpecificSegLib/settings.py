@@ -66,7 +66,7 @@ class RunSettings:
     steps: int = protocol.DEFAULT_STEPS
     device: Device = Device.AUTO
     alignment: AlignmentMode = AlignmentMode.MASK
-    movingAverage: float = protocol.DEFAULT_MOMENTUM
+    momentum: float = protocol.DEFAULT_MOMENTUM
     loss: Loss = Loss.DICECE
 
     def commandLineArguments(self) -> list:
@@ -75,6 +75,6 @@ class RunSettings:
             "--steps", str(self.steps),
             "--device", self.device.value,
             "--align-mode", self.alignment.value,
-            "--momentum", f"{self.movingAverage:g}",
+            "--momentum", f"{self.momentum:g}",
             "--loss", self.loss.value,
         ]

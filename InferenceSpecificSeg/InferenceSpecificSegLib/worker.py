@@ -64,6 +64,7 @@ class WorkerProcess:
         self.logPath = Path(logPath)
         self._events: "queue.SimpleQueue[dict]" = queue.SimpleQueue()
         self._cancelRequestedAt: Optional[float] = None
+        self._cancelSignalled = False
         self._leftoversEnded = False
         self._exitSeenAt: Optional[float] = None
         with open(self.logPath, "wb") as log:
@@ -103,14 +104,19 @@ class WorkerProcess:
 
     @property
     def finished(self) -> bool:
-        """True once the process has exited and all its output has been read into the queue (or, should
-        something it started outside its process group hold the pipe open, a few seconds after the exit)."""
+        """True once the process has exited and all its output has been read into the queue. When the process
+        is a launcher (PythonSlicer) that a signal ended, the interpreter it started may still be writing
+        the partial result: wait while its process group lives (the cancel timeout kills it if need be).
+        Otherwise, should something hold the pipe open, a few seconds after the exit suffice."""
         if self._process.poll() is None:
             return False
         if self._exitSeenAt is None:
             self._exitSeenAt = time.monotonic()
-        if self._reader.is_alive() and time.monotonic() - self._exitSeenAt < PIPE_DRAIN_SECONDS:
-            return False
+        if self._reader.is_alive():
+            if self._process.returncode < 0 and self._processGroupAlive():
+                return False
+            if time.monotonic() - self._exitSeenAt < PIPE_DRAIN_SECONDS:
+                return False
         if not self._leftoversEnded:
             # The worker is gone; end anything it left behind in its process group (once: afterwards the
             # group id is free and could in principle be reused).
@@ -123,23 +129,42 @@ class WorkerProcess:
         return self._process.poll()
 
     def requestCancel(self) -> None:
-        """Ask the worker to stop: write DIR/cancel and send SIGTERM (POSIX); it then writes its partial
-        result and exits. Use `cancelOverdue` and `kill` for a worker that does not stop."""
+        """Ask the worker to stop by writing DIR/cancel; it then writes its partial result and exits. A worker
+        that has not stopped after `signalAfterSeconds` is signalled by `escalateCancel`; use `cancelOverdue`
+        and `kill` for one that does not stop at all."""
         if self._cancelRequestedAt is None:
             self._cancelRequestedAt = time.monotonic()
         try:
             (self.outputDirectory / CANCEL_FILE).touch()
         except OSError as error:
             logging.warning("Could not write the cancel file in %s: %s", self.outputDirectory, error)
-        if os.name != "nt" and self._process.poll() is None:
-            try:
-                os.kill(self._process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+
+    def escalateCancel(self, signalAfterSeconds: float) -> None:
+        """Once a cancel is `signalAfterSeconds` old and the worker still runs: SIGTERM to its whole process
+        group (POSIX), once. The group, not the process: PythonSlicer is a launcher that forwards no signal
+        to the interpreter it starts; the engine answers SIGTERM by writing its partial result."""
+        if (os.name == "nt" or self._cancelSignalled or self._cancelRequestedAt is None
+                or self._process.poll() is not None or time.monotonic() - self._cancelRequestedAt < signalAfterSeconds):
+            return
+        self._cancelSignalled = True
+        try:
+            os.killpg(self._process.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _processGroupAlive(self) -> bool:
+        if os.name == "nt":
+            return False
+        try:
+            os.killpg(self._process.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
 
     def cancelOverdue(self, timeoutSeconds: float) -> bool:
-        """True when a cancel was requested more than `timeoutSeconds` ago and the worker still runs."""
-        return (self._cancelRequestedAt is not None and self._process.poll() is None
+        """True when a cancel was requested more than `timeoutSeconds` ago and the worker (or, behind a
+        launcher, its process group) still runs."""
+        return (self._cancelRequestedAt is not None and (self._process.poll() is None or self._processGroupAlive())
                 and time.monotonic() - self._cancelRequestedAt > timeoutSeconds)
 
     def kill(self) -> None:

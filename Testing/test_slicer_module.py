@@ -1,0 +1,173 @@
+"""InferenceSpecificSeg/InferenceSpecificSeg.py itself, run as Slicer runs it: the module file imported by
+its name, Module/Widget/Logic constructed as Slicer constructs them, setup(), the panel driven through its
+widgets, a real worker (the protocol stand-in CLI) polled by the panel's own timer. Qt, CTK and the
+scripted-module base classes come from Testing/slicer_standin (behaving as Slicer 5.8.1's source, and
+without the vtkSegment methods that 5.8 lacks); MRML is real (slicer-core)."""
+
+import importlib.util
+import os
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from slicer_test_support import MODULE_DIRECTORY, addVolume, newScene, processGroupMembers, writeFakeEngine
+
+import slicer
+import vtk
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="process groups and /proc are POSIX")
+
+
+@pytest.fixture
+def slicerApp(tmp_path, monkeypatch):
+    import slicer_standin
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    savedModules = dict(sys.modules)
+    saved = {name: getattr(slicer, name, None) for name in ("app", "mrmlScene", "modules", "util")}
+    scene = newScene()
+    settings, temporary = tmp_path / "settings", tmp_path / "temporary"
+    settings.mkdir(), temporary.mkdir()
+    application, dialogs = slicer_standin.install(settings, temporary, scene)
+    application.modulePaths["InferenceSpecificSeg"] = str(MODULE_DIRECTORY / "InferenceSpecificSeg.py")
+    yield types.SimpleNamespace(app=application, dialogs=dialogs, scene=scene, tmp=tmp_path)
+    import qt
+
+    for timer in list(qt.QTimer.active):
+        timer.stop()
+    slicer.vtkSegment.override(None)
+    for name, value in saved.items():
+        setattr(slicer, name, value)
+    for name in set(sys.modules) - set(savedModules):
+        del sys.modules[name]
+    sys.modules.update(savedModules)
+
+
+def loadModule(slicerApp, workerModuleDirectory=None):
+    """Import the module file as Slicer's scripted-module factory does and build Module, Widget (setup)."""
+    import qt
+
+    spec = importlib.util.spec_from_file_location("InferenceSpecificSeg", MODULE_DIRECTORY / "InferenceSpecificSeg.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["InferenceSpecificSeg"] = module
+    spec.loader.exec_module(module)
+    parent = types.SimpleNamespace(path=str(MODULE_DIRECTORY / "InferenceSpecificSeg.py"), isEntered=True)
+    module.InferenceSpecificSeg(parent)
+    widgetParent = slicer.qMRMLWidget()
+    widgetParent.isEntered = True  # qSlicerScriptedLoadableModuleWidget's property: the module is shown
+    widgetParent.setLayout(qt.QVBoxLayout())
+    widgetParent.setMRMLScene(slicer.mrmlScene)
+    widget = module.InferenceSpecificSegWidget(widgetParent)
+    widget.setup()
+    if workerModuleDirectory is not None:  # the protocol stand-in CLI instead of the engine, run by this Python
+        widget.logic.run.moduleDirectory = workerModuleDirectory
+        widget.logic.run.pythonExecutable = sys.executable
+    return module, widget
+
+
+def runEventLoop(slicerApp, condition, seconds=60.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        slicerApp.app.processEvents()
+        time.sleep(0.02)
+
+
+def pickVolumeAndModel(widget, volumeNode, model):
+    widget.ui.inputVolumeSelector.setCurrentNode(volumeNode)
+    widget._parameterNode.model = model  # an installed package would be picked in the list the same way
+
+
+@pytest.fixture
+def volumeNode(slicerApp):
+    return addVolume(slicerApp.scene, np.full((10, 12, 14), -500, np.int16), spacing=(1.5, 1.5, 3.0), name="CT")
+
+
+def test_module_widget_and_logic_construct_as_in_slicer(slicerApp, volumeNode):
+    module, widget = loadModule(slicerApp)
+    assert isinstance(widget.logic, module.InferenceSpecificSegLogic)
+    assert widget.logic.moduleName == "InferenceSpecificSeg"
+    parameters = widget._parameterNode
+    assert parameters.inputVolume is volumeNode  # the first volume of the scene is preselected
+    assert widget.ui.startButton.enabled and widget.ui.startButton.text == "Start"
+    assert slicerApp.scene.GetSingletonNode("InferenceSpecificSeg", "vtkMRMLScriptedModuleNode") is parameters.parameterNode
+
+
+def test_start_runs_to_done_with_terminology_on_slicer_58(slicerApp, volumeNode):
+    _, widget = loadModule(slicerApp, writeFakeEngine(slicerApp.tmp))
+    pickVolumeAndModel(widget, volumeNode, "fake-slow")
+    widget._parameterNode.steps = 6
+    widget.ui.startButton.click()
+    assert widget.ui.startButton.text == "Cancel"
+    runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
+    status = widget.logic.run.status
+    assert status.state.value == "done", status.message
+    node = widget._parameterNode.outputSegmentation
+    assert node is status.segmentationNode and slicerApp.scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    segment = node.GetSegmentation().GetSegment("label_1")
+    entry = vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), entry)
+    assert "^10200004^Liver~" in str(entry)  # SCT code of the liver, in Slicer's terminology entry string
+    assert slicerApp.dialogs.shown == []
+    assert widget.ui.editButton.enabled
+
+
+def startLongRun(slicerApp, volumeNode):
+    """The panel with a long run going that has shown its first result; (widget, worker process id)."""
+    _, widget = loadModule(slicerApp, writeFakeEngine(slicerApp.tmp))
+    pickVolumeAndModel(widget, volumeNode, "fake-slow")
+    widget._parameterNode.steps = 500
+    widget.ui.startButton.click()
+    runEventLoop(slicerApp, lambda: widget.logic.run.status.resultsLoaded >= 1)
+    return widget, widget.logic.run.workerProcessId
+
+
+def test_cancel_mid_run_keeps_the_partial_result(slicerApp, volumeNode):
+    widget, workerPid = startLongRun(slicerApp, volumeNode)
+    widget.ui.startButton.click()  # the button reads Cancel while running
+    runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
+    assert widget.logic.run.status.state.value == "cancelled"
+    assert widget._parameterNode.outputSegmentation.GetName() == "CT ISL (partial)"
+    assert processGroupMembers(workerPid) == []
+    assert widget.ui.startButton.text == "Start"
+
+
+def test_closing_the_scene_mid_run_ends_the_worker(slicerApp, volumeNode):
+    widget, workerPid = startLongRun(slicerApp, volumeNode)
+    slicerApp.scene.Clear(0)  # fires StartCloseEvent and EndCloseEvent, as File > Close Scene does
+    assert not widget.logic.run.status.active
+    assert processGroupMembers(workerPid) == []
+    assert widget._parameterNode is not None and widget._parameterNode.inputVolume is None
+
+
+def test_edit_in_segment_editor_hands_over_the_result(slicerApp, volumeNode):
+    _, widget = loadModule(slicerApp, writeFakeEngine(slicerApp.tmp))
+    pickVolumeAndModel(widget, volumeNode, "fake")
+    widget._parameterNode.steps = 2
+    widget.ui.startButton.click()
+    runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
+    widget.ui.editButton.click()
+    editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+    assert slicerApp.app.selectedModule == "SegmentEditor"
+    assert editor.segmentationNode is widget._parameterNode.outputSegmentation and editor.sourceVolumeNode is volumeNode
+
+
+def test_reload_reloads_the_library_modules(slicerApp, volumeNode, monkeypatch):
+    module, widget = loadModule(slicerApp)
+    import InferenceSpecificSegLib
+
+    libraryFiles = {path.stem for path in (MODULE_DIRECTORY / "InferenceSpecificSegLib").glob("*.py")} - {"__init__"}
+    assert set(module.LIBRARY_MODULES_IN_IMPORT_ORDER) == libraryFiles
+    reloaded = []
+    monkeypatch.setattr(slicer.util, "reloadScriptedModule", lambda name: reloaded.append(name))
+    import importlib
+
+    # Recorded, not executed: re-executing the library would give other tests' imports stale classes.
+    monkeypatch.setattr(importlib, "reload", lambda m: reloaded.append(m.__name__) or m)
+    widget.onReload()
+    assert reloaded == [f"InferenceSpecificSegLib.{name}" for name in module.LIBRARY_MODULES_IN_IMPORT_ORDER
+                        if f"InferenceSpecificSegLib.{name}" in sys.modules] + ["InferenceSpecificSeg"]
+    assert InferenceSpecificSegLib
