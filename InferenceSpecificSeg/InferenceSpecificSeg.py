@@ -297,6 +297,11 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             requirements = dependencies.pipRequirements(missing)
             if requirements:
                 slicer.util.pip_install(requirements)
+        shipped = [name for name in missing if name in dependencies.SHIPPED_WITH_SLICER]
+        if shipped:
+            slicer.util.errorDisplay(_("{packages} came with Slicer in a version this module does not support. Use "
+                                       "3D Slicer 5.8 to 5.12.").format(packages=", ".join(shipped)))
+            return False
         stillMissing = dependencies.missingPackages()
         if stillMissing:
             slicer.util.errorDisplay(_("These packages are still missing: {packages}. Restart Slicer and press Start "
@@ -309,8 +314,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
-            slicer.util.pip_install("torch" + dependencies.TORCH_VERSION_REQUIREMENT)
-            return
+            raise RuntimeError(_("PyTorch is installed through the PyTorch extension, which is missing: install "
+                                 "'PyTorch' in the Extensions Manager, restart Slicer and press Start again.")) from None
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
             askConfirmation=True, torchVersionRequirement=dependencies.TORCH_VERSION_REQUIREMENT)
         if torch is None:

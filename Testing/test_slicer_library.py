@@ -5,6 +5,7 @@ import json
 import zipfile
 
 import pytest
+from packaging.requirements import Requirement
 
 import slicer_test_support  # noqa: F401  (puts the module folder on sys.path)
 from InferenceSpecificSegLib import dependencies
@@ -80,15 +81,28 @@ def test_run_settings_become_worker_arguments():
         assert all(enumeration.label(member) for member in enumeration)
 
 
-def test_dependencies_are_checked_without_importing_them(monkeypatch):
+def test_dependencies_are_checked_by_version_without_importing_them(monkeypatch):
     import sys
 
     monkeypatch.delitem(sys.modules, "monai", raising=False)
-    assert dependencies.missingPackages() == []  # this environment has everything
+    assert dependencies.missingPackages() == []  # this environment has everything, in the tested versions
     assert "monai" not in sys.modules  # found, not imported
-    assert dependencies.pipRequirements(["torch", "monai", "scipy"]) == ["monai>=1.3,<1.7", "scipy>=1.10,<1.19"]
-    monkeypatch.setattr(dependencies, "PIP_REQUIREMENTS", {**dependencies.PIP_REQUIREMENTS, "no_such_package_xyz": "x"})
-    assert dependencies.missingPackages() == ["no_such_package_xyz"]
+    # torch only through the PyTorch extension; SimpleITK, numpy and scipy ship with Slicer: never pip-installed
+    assert dependencies.pipRequirements(["torch", "monai", "scipy", "SimpleITK", "numpy"]) == ["monai>=1.3,<1.7"]
+    monkeypatch.setitem(dependencies.REQUIREMENTS, "monai", "monai>=99")
+    monkeypatch.setitem(dependencies.REQUIREMENTS, "no_such_package_xyz", "no_such_package_xyz>=1")
+    unmet = dependencies.unmetRequirements()
+    assert unmet["no_such_package_xyz"] == "not installed" and unmet["monai"].startswith("version ")
+
+
+def test_dependency_pins_agree_with_pyproject():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    pins = {Requirement(text).name: str(Requirement(text).specifier) for text in pyproject["project"]["dependencies"]}
+    for name, requirement in dependencies.REQUIREMENTS.items():
+        assert str(Requirement(requirement).specifier) == pins[name], name
 
 
 def writePackage(folder, name="Abdomen CT", version="1.2", **changes):

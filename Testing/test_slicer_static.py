@@ -135,3 +135,9 @@ def test_user_visible_strings_in_the_module_are_translatable():
     untranslated = re.findall(r"\.(?:text|toolTip|format)\s*=\s*[\"']", text)
     untranslated += re.findall(r"(?:errorDisplay|confirmOkCancelDisplay|tryWithErrorDisplay)\(\s*[\"']", text)
     assert untranslated == []
+
+
+def test_slicer_side_parses_as_python_39():
+    """Slicer 5.8 runs Python 3.9: the module file and its library must not use newer syntax."""
+    for path in [MODULE_FILE, *LIBRARY.glob("*.py"), ROOT / "InferenceSpecificSeg" / "isseg" / "protocol.py"]:
+        ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
