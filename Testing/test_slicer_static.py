@@ -141,3 +141,25 @@ def test_slicer_side_parses_as_python_39():
     """Slicer 5.8 runs Python 3.9: the module file and its library must not use newer syntax."""
     for path in [MODULE_FILE, *LIBRARY.glob("*.py"), ROOT / "InferenceSpecificSeg" / "isseg" / "protocol.py"]:
         ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+
+
+# Methods of VTK itself or of Python libraries (not Slicer's): not in the 5.8 list.
+NOT_SLICER_API = {"GetPointData", "GetScalars", "SetScalars", "GetExtent", "InsertNextValue", "ModifiedEvent",
+                  "ModelPackageError", "PackageNotFoundError", "Popen", "PyTorchUtilsLogic", "QFileDialog", "QMenu",
+                  "QTimer", "SimpleQueue", "Thread", "TimeoutExpired", "WaitCursor", "ZipFile", "Empty", "Enum"}
+
+
+def test_every_slicer_method_called_exists_in_slicer_58():
+    """Each CamelCase method the module and its library call is in Testing/slicer_5_8_api.txt (the 5.8.1 headers)."""
+    listed = {}
+    for line in (ROOT / "Testing" / "slicer_5_8_api.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            qualified, header = line.split()
+            listed.setdefault(qualified.split(".")[1], []).append(header)
+    called = set()
+    for path in [MODULE_FILE, *LIBRARY.glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute) and re.match(r"^[A-Z][a-z][A-Za-z0-9]*$", node.attr):
+                called.add(node.attr)
+    assert called - NOT_SLICER_API - set(listed) == set()
+    assert not {"SetTerminology", "GetTerminology", "HasTerminology"} & set(listed)
