@@ -112,6 +112,7 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
+        self.ui.runFolderLabel.connect("linkActivated(QString)", self.onRunFolderLink)
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
@@ -268,6 +269,16 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         elif status.message:
             self.ui.statusLabel.text = status.message
         self.ui.editButton.enabled = not running and bool(self._parameterNode and self._parameterNode.outputSegmentation)
+        if not self.ui.logCollapsibleButton.collapsed:
+            self.ui.logTextEdit.setPlainText(self.logic.run.logTail())
+        failed = status.state == RunState.FAILED and self.logic.run.runDirectory is not None
+        self.ui.runFolderLabel.visible = failed
+        if failed:
+            self.ui.runFolderLabel.text = '<a href="{url}">{text}</a>'.format(
+                url=qt.QUrl.fromLocalFile(str(self.logic.run.runDirectory)).toString(), text=_("Open the run folder"))
+
+    def onRunFolderLink(self, link: str) -> None:
+        qt.QDesktopServices.openUrl(qt.QUrl(link))
 
     def showDevice(self) -> None:
         """Ask the worker once which device it can use and show it; a worker that cannot tell is no reason

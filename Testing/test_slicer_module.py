@@ -77,8 +77,12 @@ def runEventLoop(slicerApp, condition, seconds=60.0):
 
 
 def pickVolumeAndModel(widget, volumeNode, model):
+    """Pick the volume in its selector and `model` in the model list (listed there as an installed package is;
+    the protocol stand-in CLI reads the behaviour from --model)."""
     widget.ui.inputVolumeSelector.setCurrentNode(volumeNode)
-    widget._parameterNode.model = model  # an installed package would be picked in the list the same way
+    widget.ui.modelComboBox.addItem(model, model)
+    widget.ui.modelComboBox.currentIndex = widget.ui.modelComboBox.findData(model)
+    assert widget._parameterNode.model == model
 
 
 @pytest.fixture
@@ -171,3 +175,20 @@ def test_reload_reloads_the_library_modules(slicerApp, volumeNode, monkeypatch):
     assert reloaded == [f"InferenceSpecificSegLib.{name}" for name in module.LIBRARY_MODULES_IN_IMPORT_ORDER
                         if f"InferenceSpecificSegLib.{name}" in sys.modules] + ["InferenceSpecificSeg"]
     assert InferenceSpecificSegLib
+
+
+def test_after_a_failure_the_log_and_a_link_to_the_run_folder_are_shown(slicerApp, volumeNode):
+    import qt
+
+    _, widget = loadModule(slicerApp, writeFakeEngine(slicerApp.tmp))
+    assert not widget.ui.runFolderLabel.visible and widget.ui.logCollapsibleButton.collapsed
+    pickVolumeAndModel(widget, volumeNode, "fake-bad-model")
+    widget.ui.startButton.click()
+    runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
+    assert slicerApp.dialogs.shown == [("error", "The model package is damaged. Copy it again.")], widget.logic.run.status
+    assert widget.ui.runFolderLabel.visible
+    widget.ui.runFolderLabel.linkActivated.emit(str(widget.ui.runFolderLabel.text).split('"')[1])
+    assert qt.QDesktopServices.opened[-1] == "file://" + str(widget.logic.run.runDirectory)
+    widget.ui.logCollapsibleButton.collapsed = False
+    widget.showStatus()
+    assert "fake worker starting" in widget.ui.logTextEdit.plainText

@@ -16,7 +16,7 @@ from .i18n import tr as _
 from .protocol import EXIT_CANCELLED, SEGMENTS_FILE, ProtocolError, RunProgress, readSegmentsFile
 from .segmentation import LiveSegmentation, writeVolumeForWorker
 from .settings import RunSettings
-from .worker import WorkerProcess, workerCommand, workerEnvironment
+from .worker import WorkerProcess, readLogTail, workerCommand, workerEnvironment
 
 MODULE_DIRECTORY = Path(__file__).resolve().parent.parent  # holds the isseg package
 
@@ -77,6 +77,10 @@ class RefinementLogic:
         """Process id of the running worker (the leader of its process group), None when idle."""
         return self._worker.pid if self._worker is not None else None
 
+    def logTail(self, lines: int = 40) -> str:
+        """The end of the current (or last) run's worker log, "" before the first run."""
+        return readLogTail(self.runDirectory / "worker.log", lines) if self.runDirectory else ""
+
     def start(self, volumeNode, model: str, settings: RunSettings) -> RunStatus:
         """Write `volumeNode` to a new private run folder and start the worker on it with `model` ("demo" or
         a package folder) and `settings`. Returns at once; call `poll` to follow the run. Raises
@@ -106,6 +110,7 @@ class RefinementLogic:
         cancel timeout and, once the worker has exited, settle the outcome. Never blocks on the worker."""
         if self._worker is None:
             return self.status
+        workerFinished = self._worker.finished  # before taking the events: once finished, all are in the queue
         newestResult, newestIsFinal = None, False
         for event in self._worker.takeEvents():
             kind = event["event"]
@@ -126,7 +131,7 @@ class RefinementLogic:
         if self._worker.cancelOverdue(self.cancelTimeoutSeconds):
             logging.warning("InferenceSpecificSeg worker did not stop within %g s; killing it", self.cancelTimeoutSeconds)
             self._worker.kill()
-        if self._worker.finished:
+        if workerFinished:
             self._settle()
         return self.status
 

@@ -190,11 +190,16 @@ class WorkerProcess:
 
     def logTail(self, lines: int = 15) -> str:
         """The last `lines` lines the worker wrote to stderr."""
-        try:
-            with open(self.logPath, encoding="utf-8", errors="replace") as log:
-                return "".join(deque(log, maxlen=lines)).strip()
-        except OSError:
-            return ""
+        return readLogTail(self.logPath, lines)
+
+
+def readLogTail(path: Path, lines: int) -> str:
+    """The last `lines` lines of the text file `path` ("" when it cannot be read)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as log:
+            return "".join(deque(log, maxlen=lines)).strip()
+    except OSError:
+        return ""
 
 
 @dataclass(frozen=True)
