@@ -274,8 +274,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         failed = status.state == RunState.FAILED and self.logic.run.runDirectory is not None
         self.ui.runFolderLabel.visible = failed
         if failed:
-            self.ui.runFolderLabel.text = '<a href="{url}">{text}</a>'.format(
-                url=qt.QUrl.fromLocalFile(str(self.logic.run.runDirectory)).toString(), text=_("Open the run folder"))
+            folderUrl = qt.QUrl.fromLocalFile(str(self.logic.run.runDirectory)).toString()
+            self.ui.runFolderLabel.text = f'<a href="{folderUrl}">{_("Open the run folder")}</a>'
 
     def onRunFolderLink(self, link: str) -> None:
         qt.QDesktopServices.openUrl(qt.QUrl(link))
