@@ -177,7 +177,7 @@ def test_settings_json_records_seed_settings_and_versions(refined):
     assert settings["device"] == "cpu"
     assert settings["refine"]["steps"] == 40 and settings["refine"]["rounds"] == 1
     assert settings["refine"]["update_every"] == 20
-    assert settings["refine"]["alignment"]["deformable_iterations"] == 40
+    assert settings["refine"]["alignment"]["iterations"] == 40
     assert settings["refine"]["alignment"]["mode"] == "mask"
     for library in ("isseg", "torch", "SimpleITK", "numpy", "python"):
         assert settings["versions"][library], f"version of {library} missing"

@@ -1,18 +1,28 @@
 """Inference-specific deformation of the atlas cases onto the case being segmented.
 
 Every atlas case is placed on the target grid (centroid of its organs on the centroid of the
-current mask), then aligned by an affine transform and a dense displacement field, both
-optimised per case with Adam (instance optimisation) and all cases of a batch at once:
+current mask), then aligned by one transform x -> A(x + u(x)): an affine A and a dense displacement
+field u, optimised together per case with Adam (instance optimisation), all cases of a batch at
+once, over one coarse-to-fine pyramid (`AlignmentSettings.levels`). The objective:
 
 - mode `mask` (default): soft Dice between the warped atlas labels and the current inference
-  mask (the moving-average probabilities): mask-based weak supervision, robust to contrast shifts;
+  mask (the moving-average probabilities), over the labels present in that mask only:
+  mask-based weak supervision, robust to contrast shifts;
 - mode `intensity`: local normalized cross-correlation (LNCC) of the images;
 - mode `both`: the sum of the two;
-always with MONAI's bending energy penalty on the displacement field, which lives at half
-resolution and is upsampled to the target grid.
+always with MONAI's bending energy penalty on u.
+
+Memory: the optimisation works on downsampled copies (one channel per present label), never on a
+full-resolution one-hot volume; the pyramid is made coarser when batch x labels x voxels would pass
+`AlignmentSettings.max_elements`. The final warp runs case by case and label by label, so the peak
+grows with cases x voxels, not with cases x labels x voxels.
+
+A later round starts from the transforms of the previous one (`AlignedAtlas.transforms`) and only
+refines them at the finest level.
 
 Tensors are (batch, channel, z, y, x) on the model grid; intensities are normalized to [0, 1];
-displacements are in voxels of the target grid.
+displacements are in voxels of the target grid; affine matrices act on grid_sample's normalized
+(x, y, z) coordinates (align_corners=True).
 """
 
 from __future__ import annotations
@@ -24,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrelationLoss
-from monai.networks.blocks import Warp
 
 ALIGN_MODES = ("mask", "intensity", "both")
 
@@ -32,25 +41,50 @@ ALIGN_MODES = ("mask", "intensity", "both")
 @dataclass
 class AlignmentSettings:
     mode: str = "mask"
-    affine_iterations: int = 50
-    deformable_iterations: int = 80
+    levels: tuple[int, ...] = (4, 2)
+    iterations: int = 40
+    warm_iterations: int = 20
     affine_learning_rate: float = 0.01
     deformable_learning_rate: float = 0.2
     bending_weight: float = 2.0
     lncc_kernel: int = 5
     batch_size: int = 8
+    max_elements: int = 2**25
+
+    def schedule(self, warm: bool) -> list[int]:
+        """Iterations per pyramid level: `iterations` at every level in a first round; a warm-started
+        round only refines at the finest level."""
+        if warm:
+            return [0] * (len(self.levels) - 1) + [self.warm_iterations]
+        return [self.iterations] * len(self.levels)
+
+
+@dataclass
+class AtlasTransforms:
+    """Per atlas case: shifts (N, 3) integer voxels of the initial placement; theta (N, 3, 4) affine;
+    ddf (N, 3, z', y', x') the displacement field on the finest working grid, in target voxels."""
+
+    shifts: np.ndarray
+    theta: torch.Tensor
+    ddf: torch.Tensor
 
 
 @dataclass
 class AlignedAtlas:
-    """Atlas cases on the target grid. images: (N, 1, z, y, x) in [0, 1]; labels: (N, 1, z, y, x) int64;
-    dice: (N,) mean foreground Dice against the current mask; folding: (N,) fraction of voxels
-    whose Jacobian determinant is <= 0."""
+    """Atlas cases on the target grid. images: (N, 1, z, y, x) in [0, 1]; labels: (N, 1, z, y, x)
+    class indices (uint8, int16 beyond 255 classes); dice: (N,) mean Dice of the warped labels against
+    the current mask over the labels present in either; folding: (N,) fraction of voxels whose
+    Jacobian determinant of the whole transform is <= 0; transforms: what the next round starts from."""
 
     images: torch.Tensor
     labels: torch.Tensor
     dice: np.ndarray
     folding: np.ndarray
+    transforms: AtlasTransforms
+
+
+def label_dtype(num_classes: int) -> torch.dtype:
+    return torch.uint8 if num_classes <= 256 else torch.int16
 
 
 def place_on_grid(array: np.ndarray, shape: tuple[int, ...], shift: np.ndarray, fill: float) -> np.ndarray:
@@ -76,17 +110,22 @@ def foreground_centroid(mask: np.ndarray) -> np.ndarray:
     return points.mean(axis=0) if len(points) else (np.array(mask.shape) - 1) / 2
 
 
-def initial_placement(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], target_mask: np.ndarray,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put atlas cases (each (z, y, x), any size, already at the model spacing) on the target grid by
-    matching organ centroids. Returns images (N, 1, z, y, x) float32 and labels (N, 1, z, y, x) int64."""
+def placement_shifts(atlas_labels: list[np.ndarray], target_mask: np.ndarray) -> np.ndarray:
+    """(N, 3) integer shifts that put each atlas case's organ centroid on the target mask's."""
     target_centre = foreground_centroid(target_mask)
-    images, labels = [], []
-    for image, label in zip(atlas_images, atlas_labels):
-        shift = np.round(target_centre - foreground_centroid(label > 0)).astype(int)
-        images.append(place_on_grid(image, target_mask.shape, shift, 0.0))
-        labels.append(place_on_grid(label, target_mask.shape, shift, 0))
-    return torch.as_tensor(np.stack(images))[:, None].float(), torch.as_tensor(np.stack(labels))[:, None].long()
+    return np.stack([np.round(target_centre - foreground_centroid(label > 0)).astype(int) for label in atlas_labels])
+
+
+def initial_placement(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], target_mask: np.ndarray,
+                      shifts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put atlas cases (each (z, y, x), any size, already at the model spacing) on the target grid,
+    shifted by `shifts` (default: organ centroids matched). Returns images (N, 1, z, y, x) float32 and
+    labels (N, 1, z, y, x) in the labels' own integer type."""
+    if shifts is None:
+        shifts = placement_shifts(atlas_labels, target_mask)
+    images = [place_on_grid(image, target_mask.shape, shift, 0.0) for image, shift in zip(atlas_images, shifts)]
+    labels = [place_on_grid(label, target_mask.shape, shift, 0) for label, shift in zip(atlas_labels, shifts)]
+    return torch.as_tensor(np.stack(images))[:, None].float(), torch.as_tensor(np.stack(labels))[:, None]
 
 
 def folding_fraction(ddf: torch.Tensor) -> torch.Tensor:
@@ -99,141 +138,185 @@ def folding_fraction(ddf: torch.Tensor) -> torch.Tensor:
     return (determinant <= 0).float().flatten(1).mean(dim=1)
 
 
-def _mean_dice(warped_one_hot: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Soft foreground Dice per case; inputs (N, C, ...) probabilities, background channel 0 skipped."""
-    dims = tuple(range(2, warped_one_hot.dim()))
-    intersection = (warped_one_hot[:, 1:] * target[:, 1:]).sum(dims)
-    total = warped_one_hot[:, 1:].sum(dims) + target[:, 1:].sum(dims)
-    present = total > 0
-    dice = (2 * intersection + 1e-5) / (total + 1e-5)
-    return (dice * present).sum(1) / present.sum(1).clamp(min=1)
+def identity_grid(n: int, shape, device: torch.device) -> torch.Tensor:
+    """grid_sample grid (n, z, y, x, 3) of the identity on a grid of `shape`."""
+    return F.affine_grid(torch.eye(3, 4, device=device).expand(n, 3, 4), [n, 1, *shape], align_corners=True)
 
 
-class _AlignmentObjective:
-    """Similarity between a warped atlas and the target. Both are stacked as channels
-    [image, one-hot labels...] against [image, probabilities...], so one warp moves both."""
-
-    def __init__(self, mode: str, lncc_kernel: int):
-        if mode not in ALIGN_MODES:
-            raise ValueError(f"Unknown alignment mode '{mode}'; choose one of {', '.join(ALIGN_MODES)}.")
-        self.use_mask = mode in ("mask", "both")
-        self.use_intensity = mode in ("intensity", "both")
-        self.dice = DiceLoss(include_background=False, reduction="none")
-        self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=lncc_kernel, reduction="none")
-
-    def channels(self, stacked: torch.Tensor) -> torch.Tensor:
-        """The channels the objective looks at; warping only these saves most of the time."""
-        if self.use_mask and self.use_intensity:
-            return stacked
-        return stacked[:, 1:] if self.use_mask else stacked[:, :1]
-
-    def __call__(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-case loss (N,) of warped channels (N, K, ...) against target channels (1, K, ...)."""
-        n = warped.shape[0]
-        target = target.expand(n, *target.shape[1:])
-        loss = warped.new_zeros(n)
-        if self.use_intensity:
-            loss = loss + self.lncc(warped[:, :1], target[:, :1]).flatten(1).mean(1)
-        if self.use_mask:
-            start = 1 if self.use_intensity else 0
-            loss = loss + self.dice(warped[:, start:], target[:, start:]).flatten(1).mean(1)
-        return loss
+def _voxels_to_normalized(full_shape, device: torch.device) -> torch.Tensor:
+    return torch.tensor([2.0 / max(s - 1, 1) for s in full_shape], device=device).view(1, 3, 1, 1, 1)
 
 
-def _affine_warp(volume: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    grid = F.affine_grid(theta, list(volume.shape), align_corners=True)
-    return F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+def sampling_grid(theta: torch.Tensor, ddf: torch.Tensor, identity: torch.Tensor, full_shape) -> torch.Tensor:
+    """grid_sample grid (N, z, y, x, 3) for x -> A(x + u(x)) on the grid of `identity` (from
+    `identity_grid`), which covers the target grid `full_shape`; u = `ddf` (N, 3, ...) in target
+    voxels, upsampled to that grid; theta (N, 3, 4)."""
+    u = F.interpolate(ddf, size=identity.shape[1:4], mode="trilinear", align_corners=True)
+    points = identity + (u * _voxels_to_normalized(full_shape, ddf.device)).movedim(1, -1).flip(-1)
+    return torch.einsum("n...j,nij->n...i", points, theta[:, :, :3]) + theta[:, None, None, None, :, 3]
+
+
+def _warp(volume: torch.Tensor, grid: torch.Tensor, padding: str = "border") -> torch.Tensor:
+    return F.grid_sample(volume, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
 
 def _downsample(volume: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool3d(volume, factor, ceil_mode=True) if factor > 1 else volume
 
 
-def align_batch(atlas_images: torch.Tensor, atlas_labels: torch.Tensor, target_image: torch.Tensor,
-                target_probabilities: torch.Tensor, settings: AlignmentSettings,
-                on_iteration: Callable[[], None] = lambda: None) -> AlignedAtlas:
-    """Align a batch of atlas cases already placed on the target grid.
+def _label_channels(labels: torch.Tensor, values: list[int], factor: int) -> torch.Tensor:
+    """(N, len(values), ...) fraction of each downsampled voxel covered by each label, built one case
+    and one label at a time (no full-resolution one-hot volume)."""
+    return torch.stack([torch.cat([_downsample((case == value).float()[None], factor) for value in values], dim=1)[0]
+                        for case in labels])
 
-    atlas_images (N, 1, z, y, x) [0, 1]; atlas_labels (N, 1, z, y, x) int64; target_image (1, 1, z, y, x);
-    target_probabilities (1, C, z, y, x). All on one device. Returns the aligned cases on that device.
-    `on_iteration` is called before every optimisation iteration (it may raise to cancel).
-    """
-    num_classes = target_probabilities.shape[1]
+
+def working_levels(levels: tuple[int, ...], shape, channels: int, batch: int, max_elements: int) -> list[int]:
+    """The pyramid, doubled in every factor until batch x channels x voxels of the finest level fits."""
+    factors = list(levels)
+    while batch * channels * np.prod([-(-s // factors[-1]) for s in shape]) > max_elements and min(
+            -(-s // factors[-1]) for s in shape) > 8:
+        factors = [2 * f for f in factors]
+    return factors
+
+
+class _AlignmentObjective:
+    """Per-case similarity of warped atlas channels [image?, present labels...] to the target's."""
+
+    def __init__(self, mode: str, lncc_kernel: int):
+        if mode not in ALIGN_MODES:
+            raise ValueError(f"Unknown alignment mode '{mode}'; choose one of {', '.join(ALIGN_MODES)}.")
+        self.use_mask = mode in ("mask", "both")
+        self.use_intensity = mode in ("intensity", "both")
+        self.dice = DiceLoss(include_background=True, reduction="none")
+        self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=lncc_kernel, reduction="none")
+
+    def stack(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The channels the objective looks at: only these are warped during optimisation."""
+        return torch.cat(([image] if self.use_intensity else []) + ([labels] if self.use_mask else []), dim=1)
+
+    def __call__(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-case loss (N,) of warped channels (N, K, ...) against target channels (1, K, ...)."""
+        target = target.expand(warped.shape[0], *target.shape[1:])
+        loss = warped.new_zeros(warped.shape[0])
+        if self.use_intensity:
+            loss = loss + self.lncc(warped[:, :1], target[:, :1]).flatten(1).mean(1)
+        if self.use_mask and warped.shape[1] > int(self.use_intensity):
+            start = int(self.use_intensity)
+            loss = loss + self.dice(warped[:, start:], target[:, start:]).flatten(1).mean(1)
+        return loss
+
+
+def _optimise(images: torch.Tensor, labels: torch.Tensor, target_image: torch.Tensor, target_probabilities: torch.Tensor,
+              present: list[int], theta: torch.Tensor, ddf: torch.Tensor | None, settings: AlignmentSettings,
+              schedule: list[int], on_iteration: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise theta (N, 3, 4) and the field over the pyramid; `ddf` None starts from zero.
+
+    images (N, 1, z, y, x), labels (N, 1, z, y, x) placed on the target grid; target_image (1, 1, ...),
+    target_probabilities (1, C, ...); `present`: the label values the Dice looks at. Returns theta and
+    the field on the finest working grid."""
     objective = _AlignmentObjective(settings.mode, settings.lncc_kernel)
-    one_hot = F.one_hot(atlas_labels[:, 0], num_classes).movedim(-1, 1).float()
-    atlas = torch.cat([atlas_images, one_hot], dim=1)
-    target = torch.cat([target_image, target_probabilities], dim=1)
-    n = atlas.shape[0]
-    device = atlas.device
-
-    # Affine stage at quarter resolution: cheap, and enough to fix position, size and tilt.
-    quarter_atlas = objective.channels(_downsample(atlas, 4))
-    quarter_target = objective.channels(_downsample(target, 4))
-    identity = torch.eye(3, 4, device=device).expand(n, 3, 4)
-    theta_delta = torch.zeros(n, 3, 4, device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([theta_delta], lr=settings.affine_learning_rate)
-    for _ in range(settings.affine_iterations):
-        on_iteration()
-        optimizer.zero_grad()
-        objective(_affine_warp(quarter_atlas, identity + theta_delta), quarter_target).sum().backward()
-        optimizer.step()
-    theta = (identity + theta_delta).detach()
-
-    # Deformable stage: a displacement field (voxels of the full grid) optimised at half resolution,
-    # where the similarity is measured too; only the final warp runs on the full grid.
-    warp = Warp(mode="bilinear", padding_mode="border")
     bending = BendingEnergyLoss(reduction="none")
-    with torch.no_grad():
-        half_atlas = _affine_warp(objective.channels(_downsample(atlas, 2)), theta)
-    half_target = objective.channels(_downsample(target, 2))
-    coarse_ddf = torch.zeros(n, 3, *half_atlas.shape[2:], device=device, requires_grad=True)
-    optimizer = torch.optim.Adam([coarse_ddf], lr=settings.deformable_learning_rate)
-    for _ in range(settings.deformable_iterations):
-        on_iteration()
-        optimizer.zero_grad()
-        # Half-resolution voxels are twice as large, so the field in their units is halved.
-        similarity = objective(warp(half_atlas, coarse_ddf / 2), half_target)
-        smoothness = bending(coarse_ddf).flatten(1).mean(1)
-        (similarity + settings.bending_weight * smoothness).sum().backward()
-        optimizer.step()
+    full_shape = images.shape[2:]
+    levels = working_levels(settings.levels, full_shape, len(present) + 1, len(images), settings.max_elements)
+    for factor, iterations in zip(levels, schedule):
+        shape = [-(-s // factor) for s in full_shape]
+        ddf = (torch.zeros(len(images), 3, *shape, device=images.device) if ddf is None else
+               F.interpolate(ddf.detach(), size=shape, mode="trilinear", align_corners=True)).requires_grad_()
+        if iterations == 0:
+            continue
+        moving = objective.stack(_downsample(images, factor), _label_channels(labels, present, factor))
+        target = objective.stack(_downsample(target_image, factor), torch.cat(
+            [_downsample(target_probabilities[:, value:value + 1], factor) for value in present], dim=1))
+        identity = identity_grid(len(images), shape, images.device)
+        theta = theta.detach().clone().requires_grad_()
+        optimizer = torch.optim.Adam([{"params": [theta], "lr": settings.affine_learning_rate},
+                                      {"params": [ddf], "lr": settings.deformable_learning_rate}])
+        # The field is in target voxels but differentiated per working voxel: scale the penalty so
+        # that the same physical bending costs the same at every level (the weight is set at factor 2).
+        bending_weight = settings.bending_weight * (2 / factor) ** 4
+        for _ in range(iterations):
+            on_iteration()
+            optimizer.zero_grad()
+            warped = _warp(moving, sampling_grid(theta, ddf, identity, full_shape))
+            loss = objective(warped, target) + bending_weight * bending(ddf).flatten(1).mean(1)
+            loss.sum().backward()
+            optimizer.step()
+    return theta.detach(), ddf.detach()
 
-    with torch.no_grad():
-        ddf = F.interpolate(coarse_ddf, size=atlas.shape[2:], mode="trilinear", align_corners=True)
-        warped = warp(_affine_warp(atlas, theta), ddf)
-        warped_image = warped[:, :1]
-        warped_labels = warped[:, 1:].argmax(1, keepdim=True)
-        warped_hard = F.one_hot(warped_labels[:, 0], num_classes).movedim(-1, 1).float()
-        target_hard = F.one_hot(target_probabilities.argmax(1), num_classes).movedim(-1, 1).float()
-        dice = _mean_dice(warped_hard, target_hard.expand(n, -1, -1, -1, -1))
-        folding = folding_fraction(ddf)
-    return AlignedAtlas(warped_image, warped_labels, dice.cpu().numpy(), folding.cpu().numpy())
+
+def _hard_dice(labels: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean Dice over the foreground labels present in either labelmap (same shape, class indices)."""
+    counts = torch.bincount((labels.long() * num_classes + target.long()).flatten(),
+                            minlength=num_classes ** 2).view(num_classes, num_classes)
+    intersection = counts.diagonal()[1:].double()
+    total = (counts.sum(1) + counts.sum(0))[1:].double()
+    present = total > 0
+    return float((2 * intersection[present] / total[present]).mean()) if present.any() else 1.0
+
+
+def _warp_case(image: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor, ddf: torch.Tensor,
+               ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Warp one case (1, 1, z, y, x) on the full grid: image bilinear, labels by the largest
+    bilinearly warped indicator, one label at a time. Returns image, labels, folding fraction."""
+    full_shape = image.shape[2:]
+    identity = identity_grid(1, full_shape, image.device)
+    grid = sampling_grid(theta, ddf, identity, full_shape)
+    warped_image = _warp(image, grid)
+    best = torch.full_like(warped_image, -1.0)
+    warped_labels = torch.zeros_like(labels)
+    for value in torch.unique(labels).tolist():
+        indicator = _warp((labels == value).float(), grid)
+        better = indicator > best
+        best = torch.where(better, indicator, best)
+        warped_labels[better] = value
+    displacement = (grid - identity).flip(-1).movedim(-1, 1) / _voxels_to_normalized(full_shape, image.device)
+    return warped_image, warped_labels, float(folding_fraction(displacement)[0])
 
 
 def align_atlas(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], target_image: torch.Tensor,
                 target_probabilities: torch.Tensor, settings: AlignmentSettings, device: torch.device,
-                on_iteration: Callable[[int, int], None] = lambda done, total: None) -> AlignedAtlas:
+                on_iteration: Callable[[int, int], None] = lambda done, total: None,
+                start: AtlasTransforms | None = None) -> AlignedAtlas:
     """Align every atlas case to the target, `settings.batch_size` cases at a time.
 
     atlas_images / atlas_labels: per case (z, y, x) arrays at the model spacing, images in [0, 1].
     target_image (1, 1, z, y, x) [0, 1]; target_probabilities (1, C, z, y, x), the current mask.
-    `on_iteration(done, total)` counts optimisation iterations over all batches (it may raise to
-    cancel). Returns the aligned cases on the CPU.
+    `start`: the transforms of a previous round to refine (warm start). `on_iteration(done, total)`
+    counts optimisation iterations over all batches (it may raise to cancel). Returns the aligned
+    cases on the CPU.
     """
-    target_mask = target_probabilities[0].argmax(0).numpy() > 0
-    images, labels = initial_placement(atlas_images, atlas_labels, target_mask)
+    num_classes = target_probabilities.shape[1]
+    target_labels = target_probabilities[0].argmax(0)
+    present = [value for value in torch.unique(target_labels).tolist() if value > 0]
+    shifts = start.shifts if start is not None else placement_shifts(atlas_labels, target_labels.numpy() > 0)
+    images, labels = initial_placement(atlas_images, atlas_labels, target_labels.numpy() > 0, shifts)
+    labels = labels.to(label_dtype(num_classes))
     target_image, target_probabilities = target_image.to(device), target_probabilities.to(device)
-    parts = []
+    target_labels = target_labels.to(device)
+    schedule = settings.schedule(warm=start is not None)
     starts = range(0, len(images), settings.batch_size)
-    total_iterations = len(starts) * (settings.affine_iterations + settings.deformable_iterations)
-    counter = iter(range(1, total_iterations + 1))
-    for start in starts:
-        stop = start + settings.batch_size
-        part = align_batch(images[start:stop].to(device), labels[start:stop].to(device), target_image,
-                           target_probabilities, settings, lambda: on_iteration(next(counter), total_iterations))
-        parts.append(part)
-    return AlignedAtlas(
-        images=torch.cat([p.images.cpu() for p in parts]),
-        labels=torch.cat([p.labels.cpu() for p in parts]),
-        dice=np.concatenate([p.dice for p in parts]),
-        folding=np.concatenate([p.folding for p in parts]),
-    )
+    counter = iter(range(1, len(starts) * sum(schedule) + 1))
+    total = len(starts) * sum(schedule)
+    warped_images, warped_labels, dice, folding, thetas, ddfs = [], [], [], [], [], []
+    for first in starts:
+        part = slice(first, first + settings.batch_size)
+        batch_images, batch_labels = images[part].to(device), labels[part].to(device)
+        theta = (start.theta[part].to(device) if start is not None
+                 else torch.eye(3, 4, device=device).repeat(len(batch_images), 1, 1))
+        ddf = start.ddf[part].to(device) if start is not None else None
+        theta, ddf = _optimise(batch_images, batch_labels, target_image, target_probabilities, present, theta, ddf,
+                               settings, schedule, lambda: on_iteration(next(counter), total))
+        with torch.no_grad():
+            for case in range(len(batch_images)):
+                image, label, fold = _warp_case(batch_images[case:case + 1], batch_labels[case:case + 1],
+                                                theta[case:case + 1], ddf[case:case + 1])
+                warped_images.append(image.cpu())
+                warped_labels.append(label.cpu())
+                dice.append(_hard_dice(label[0, 0], target_labels, num_classes))
+                folding.append(fold)
+        thetas.append(theta.cpu())
+        ddfs.append(ddf.cpu())
+    return AlignedAtlas(images=torch.cat(warped_images), labels=torch.cat(warped_labels), dice=np.array(dice),
+                        folding=np.array(folding),
+                        transforms=AtlasTransforms(shifts, torch.cat(thetas), torch.cat(ddfs)))

@@ -63,8 +63,8 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--align-mode", choices=ALIGN_MODES, default=defaults.alignment.mode,
                        help="what drives the atlas alignment: the current mask (robust to contrast), image "
                             "similarity, or both (default %(default)s)")
-    group.add_argument("--align-iterations", type=int, default=defaults.alignment.deformable_iterations,
-                       help="deformable alignment iterations per round (default %(default)s)")
+    group.add_argument("--align-iterations", type=int, default=defaults.alignment.iterations,
+                       help="alignment iterations per pyramid level in the first round (default %(default)s)")
     group.add_argument("--no-intensity-matching", action="store_true",
                        help="train on the atlas intensities as they are, without matching each organ's "
                             "intensities to this case")
@@ -83,7 +83,7 @@ def refine_settings_from(args: argparse.Namespace):
                               learning_rate=args.learning_rate, loss=args.loss,
                               match_intensity=not args.no_intensity_matching)
     settings.alignment.mode = args.align_mode
-    settings.alignment.deformable_iterations = args.align_iterations
+    settings.alignment.iterations = args.align_iterations
     if not 0 <= settings.momentum < 1:
         raise SystemExit("--momentum must be at least 0 and below 1")
     if settings.steps < 1 or settings.update_every < 1:

@@ -108,10 +108,12 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, average: Moving
     loss_function = segmentation_loss(settings.loss)
     steps_per_round = np.diff(np.linspace(0, settings.steps, settings.rounds + 1).round().astype(int))
     step = 0
+    transforms = None  # a later round refines the previous round's transforms (warm start)
     for round_index, round_steps in enumerate(steps_per_round, start=1):
         on_stage("align", round=round_index)
         aligned: AlignedAtlas = align_atlas(atlas_images, atlas_labels, target_image, average.value,
-                                            settings.alignment, device, on_align_iteration)
+                                            settings.alignment, device, on_align_iteration, start=transforms)
+        transforms = aligned.transforms
         on_aligned(aligned, round_index)
         training_images = aligned.images
         if settings.match_intensity:

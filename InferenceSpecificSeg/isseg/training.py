@@ -79,6 +79,7 @@ def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_
     network.train()
     image_patches, label_patches = sample_patches(images, labels, patch_zyx, settings.batch_size, rng,
                                                   settings.foreground_fraction)
+    label_patches = label_patches.long()  # aligned atlas labels are stored as uint8
     image_patches = augment_intensity(image_patches, rng, settings)
     if appearance is not None:
         image_patches = appearance(image_patches, label_patches, rng)
