@@ -220,11 +220,11 @@ def _optimise(images: torch.Tensor, labels: torch.Tensor, target_image: torch.Te
     full_shape = images.shape[2:]
     levels = working_levels(settings.levels, full_shape, len(present) + 1, len(images), settings.max_elements)
     for factor, iterations in zip(levels, schedule):
+        if iterations == 0:  # skipped levels leave the field as it is (a warm start keeps its detail)
+            continue
         shape = [-(-s // factor) for s in full_shape]
         ddf = (torch.zeros(len(images), 3, *shape, device=images.device) if ddf is None else
                F.interpolate(ddf.detach(), size=shape, mode="trilinear", align_corners=True)).requires_grad_()
-        if iterations == 0:
-            continue
         moving = objective.stack(_downsample(images, factor), _label_channels(labels, present, factor))
         target = objective.stack(_downsample(target_image, factor), torch.cat(
             [_downsample(target_probabilities[:, value:value + 1], factor) for value in present], dim=1))
@@ -242,6 +242,8 @@ def _optimise(images: torch.Tensor, labels: torch.Tensor, target_image: torch.Te
             loss = objective(warped, target) + bending_weight * bending(ddf).flatten(1).mean(1)
             loss.sum().backward()
             optimizer.step()
+    if ddf is None:
+        ddf = torch.zeros(len(images), 3, *[-(-s // levels[-1]) for s in full_shape], device=images.device)
     return theta.detach(), ddf.detach()
 
 
