@@ -150,3 +150,31 @@ def test_an_isseg_package_with_a_new_atlas_that_lacks_one_organ(demo_package, la
     probabilities = predict_probabilities(package.network_kind, package.build_network(), prepared.tensor,
                                           torch.device("cpu"))
     assert probabilities.shape[1] == 6 and torch.allclose(probabilities.sum(1), torch.ones(1), atol=1e-5)
+
+
+def test_package_command(demo_package, labelled_atlas, tmp_path):
+    """`isseg package` as a subprocess: events, the package, and a refused mapping with exit code 3."""
+    from engine_support import run_worker
+
+    result, events = run_worker("package", "--network", str(demo_package), "--atlas", str(labelled_atlas),
+                                "--output", str(tmp_path / "package"), "--progress", "json", "--name", "mine",
+                                "--license", "CC0", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [e["stage"] for e in events if e["event"] == "stage"] == ["read_network", "atlas"]
+    done = events[-1]
+    assert done["event"] == "done" and done["atlas_cases"] == 2 and done["network_kind"] == "monai"
+    config = json.loads((tmp_path / "package" / "model.json").read_text(encoding="utf-8"))
+    assert config["name"] == "mine" and config["license"] == "CC0"
+    result, events = run_worker("package", "--network", str(demo_package), "--atlas", str(labelled_atlas),
+                                "--output", str(tmp_path / "refused"), "--progress", "json", "--labels", "1=stomach")
+    assert result.returncode == 3 and events[-1]["event"] == "error" and "does not exist" in events[-1]["message"]
+    assert not (tmp_path / "refused").exists()
+
+
+def test_packaging_never_replaces_a_folder(demo_package, labelled_atlas, tmp_path):
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "precious.txt").write_text("keep", encoding="utf-8")
+    with pytest.raises(BadInputError, match="already exists"):
+        packaging.build_package(packaging.read_network(demo_package), labelled_atlas, tmp_path / "existing")
+    assert (tmp_path / "existing" / "precious.txt").read_text(encoding="utf-8") == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]

@@ -2,6 +2,7 @@
 
     isseg refine --input CT --model PACKAGE --output DIR     inference-specific segmentation of one CT
     isseg train  --dataset MSD_FOLDER --output PACKAGE       build a model package from labelled cases
+    isseg package --network NET --atlas CASES --output PKG   a package from an nnU-Net model or MONAI bundle
     isseg demo   --output DIR                                the method on a built-in phantom, with a report
     isseg evaluate --cases MSD_FOLDER --model PACKAGE ...    per-case, per-organ comparison of methods
     isseg devices                                            which device a run would use
@@ -177,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _subcommand_registrars():
-    from . import demo, evaluate, train
+    from . import demo, evaluate, package_command, train
 
-    return (train.register, demo.register, evaluate.register)
+    return (train.register, package_command.register, demo.register, evaluate.register)
 
 
 def main(argv=None) -> int:

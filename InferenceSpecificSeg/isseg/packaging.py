@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,10 +222,27 @@ def _network_entry(source: SourceNetwork, groups: list[list[int]]) -> dict:
     return network
 
 
+def _write_new_folder(output: Path, write) -> None:
+    """Run `write(staging)` on a hidden sibling folder, then rename it to `output`; nothing is left on failure."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        write(staging)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def build_package(source: SourceNetwork, atlas_folder: Path, output: Path, *, mapping_spec: str | None = None,
                   name: str | None = None, license: str | None = None, citation: str | None = None,
                   on_case=lambda index, total, case_id: None) -> dict:
-    """Write the package to `output`; returns a summary (labels, unmapped network labels, atlas size)."""
+    """Write the package to `output`, a folder that must not exist yet (it appears complete or not at all);
+    returns a summary (labels, unmapped network labels, atlas size)."""
+    output = Path(output)
+    if output.exists():
+        raise BadInputError(f"'{output}' already exists; isseg package writes a new folder and never replaces one. "
+                            "Choose another --output or remove that folder first.")
     cases, atlas_names = read_atlas_folder(atlas_folder)
     atlas_values = set()
     for _, _, label_path in cases:
@@ -249,6 +268,6 @@ def build_package(source: SourceNetwork, atlas_folder: Path, output: Path, *, ma
     for index, (case_id, image_path, label_path) in enumerate(cases):
         on_case(index, len(cases), case_id)
         atlas.append(atlas_case(kind, case_id, image_path, label_path, lookup))
-    model_package.save(Path(output), config, source.weights, atlas)
+    _write_new_folder(output, lambda staging: model_package.save(staging, config, source.weights, atlas))
     return {"labels": [label["name"] for label in labels], "unmapped_network_labels": config["training"]["unmapped_network_labels"],
             "atlas_cases": len(cases), "network_kind": config["network"].get("kind", "monai")}
