@@ -14,7 +14,7 @@ from isseg.appearance import (PHASE_ENHANCEMENT_HU, AppearanceRandomizer, Appear
                               random_tissue_values)
 from isseg.events import EventWriter
 from isseg.preprocess import image_tensor
-from isseg.train import TrainSettings, train_package
+from isseg.model_training import TrainSettings, train_package
 
 WINDOW = (-200.0, 300.0)
 NAMES = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right", 5: "aorta", 6: "gallbladder"}

@@ -18,6 +18,7 @@ import torch
 
 from engine_support import run_worker
 from isseg import metrics, model_package, packaging, phantom
+from isseg.demo_model import demo_package_path
 from isseg.errors import BadModelError
 from isseg.networks import predict_probabilities
 
@@ -57,7 +58,7 @@ def write_bundle(folder: Path) -> Path:
     (folder / "configs" / "inference.json").write_text(json.dumps(INFERENCE, indent=1), encoding="utf-8")
     (folder / "configs" / "metadata.json").write_text(json.dumps(METADATA, indent=1), encoding="utf-8")
     (folder / "LICENSE").write_text("Apache License 2.0 (test bundle)\n", encoding="utf-8")
-    demo = model_package.load("demo", check_atlas=False).build_network()
+    demo = model_package.load(demo_package_path(), check_atlas=False).build_network()
     torch.save(demo.state_dict(), folder / "models" / "model.pt")
     return folder
 

@@ -14,7 +14,7 @@ import pytest
 from isseg import cli, phantom
 from isseg.evaluate import BASELINES, CaseResult, paired_wilcoxon, score, summary_markdown
 from isseg.events import EventWriter
-from isseg.train import TrainSettings, train_package
+from isseg.model_training import TrainSettings, train_package
 
 PHANTOM_SIZE, PHANTOM_SPACING = (48, 48, 32), (8.0, 8.0, 8.0)
 ORGANS = {1: "liver", 2: "spleen"}

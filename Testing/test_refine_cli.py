@@ -397,7 +397,8 @@ def test_cancel_token_reacts_to_the_cancel_file(tmp_path):
 
 def test_stale_cancel_file_does_not_cancel_a_new_run(tmp_path):
     (tmp_path / "cancel").touch()
-    run = Run("ct.nrrd", "demo", tmp_path, RefineSettings(), EventWriter(io.StringIO()), device=None, seed=0)
+    run = Run(tmp_path / "ct.nrrd", tmp_path / "package", tmp_path, RefineSettings(), EventWriter(io.StringIO()),
+              device=None, seed=0)
     run.prepare_output()
     assert not (tmp_path / "cancel").exists()
     run.cancel.check()

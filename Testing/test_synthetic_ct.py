@@ -276,7 +276,7 @@ def test_write_msd_dataset(tmp_path, tissue_map):
     entry = sct.write_msd_case(tmp_path / "set", "case_000", image, labels)
     path = sct.write_msd_dataset_json(tmp_path / "set", "demo", "test set",
                                       {0: "background", 1: "a", 2: "b"}, [entry],
-                                      {"case_000": {"phase": "native"}})
+                                      synthesis={"case_000": {"phase": "native"}})
     dataset = json.loads(path.read_text(encoding="utf-8"))
     assert dataset["labels"] == {"0": "background", "1": "a", "2": "b"}
     assert dataset["training"] == [{"image": "./imagesTr/case_000.nii.gz",

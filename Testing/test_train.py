@@ -13,10 +13,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from isseg import cli, model_package, phantom, train
-from isseg.errors import EXIT_BAD_INPUT, BadInputError
+from isseg import cli, model_package, model_training, phantom
+from isseg.errors import BadInputError
+from isseg.protocol import EXIT_BAD_INPUT
 from isseg.events import EventWriter
-from isseg.train import TrainSettings, train_package
+from isseg.model_training import TrainSettings, train_package
 
 # Small phantoms at a coarse spacing and a tiny UNet keep a training run to seconds on a CPU.
 PHANTOM_SIZE, PHANTOM_SPACING = (48, 48, 32), (8.0, 8.0, 8.0)
@@ -70,7 +71,7 @@ def test_training_lowers_the_loss_and_writes_a_package_that_loads_back(dataset, 
 
 def test_a_stopped_run_resumes_from_its_checkpoint(dataset, tmp_path, monkeypatch):
     steps_taken = []
-    train_step = train.train_step
+    train_step = model_training.train_step
 
     def counting_step(*args, **kwargs):
         steps_taken.append(1)
@@ -78,7 +79,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint(dataset, tmp_path, monkeypatc
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C
         return train_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "train_step", counting_step)
+    monkeypatch.setattr(model_training, "train_step", counting_step)
     settings, output = tiny_settings(steps=20), tmp_path / "package"
     stop_after = 12  # past the checkpoint at step 10
     with pytest.raises(KeyboardInterrupt):

@@ -31,7 +31,9 @@ from isseg import model_package, phantom
 from isseg.events import EventWriter
 from isseg.inference import predict_probabilities
 from isseg.metrics import dice_per_label
-from isseg.pipeline import Run, resolve_device
+from isseg.demo_model import demo_package_path
+from isseg.device import resolve_device
+from isseg.pipeline import Run
 from isseg.preprocess import image_tensor, to_model_grid, zyx
 from isseg.refinement import RefineSettings
 
@@ -82,7 +84,7 @@ class StageMonitor(EventWriter):
 
 def plain_inference_seconds(case_path: Path, device: torch.device, repeats: int = 3) -> float:
     """Median time of one initial segmentation (resample + sliding window), network loaded once."""
-    package = model_package.load("demo", check_atlas=False)
+    package = model_package.load(demo_package_path(), check_atlas=False)
     network = package.build_network().to(device)
     image = sitk.ReadImage(str(case_path), sitk.sitkFloat32)
     times = []
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    model_package.load("demo")  # generates the demo atlas once, outside the timed runs
+    demo_package_path()  # generates the demo atlas once, outside the timed runs
     case = phantom.generate(phantom.shifted_spec(args.seed))
     truth = sitk.GetArrayFromImage(case.labels)
     with tempfile.TemporaryDirectory() as work:
@@ -122,7 +124,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start = time.monotonic()
-            Run(case_path, "demo", output, RefineSettings(), monitor, device, seed=0).execute()
+            Run(case_path, demo_package_path(), output, RefineSettings(), monitor, device, seed=0).execute()
             total = time.monotonic() - start
             initial = dice_per_label(sitk.GetArrayFromImage(sitk.ReadImage(str(output / "snapshot_0000.nrrd"))), truth, range(1, 7))
             final = dice_per_label(sitk.GetArrayFromImage(sitk.ReadImage(str(output / "labelmap.nrrd"))), truth, range(1, 7))

@@ -550,7 +550,7 @@ def synthesise(jobs: list[dict], out: Path, name: str, description: str, label_n
         shutil.rmtree(out)
     results = sorted(pool.map(_synth_job, jobs), key=lambda r: r["case_id"])
     path = sct.write_msd_dataset_json(out, name, description, label_names, [r["entry"] for r in results],
-                                      {r["case_id"]: r["synthesis"] for r in results})
+                                      synthesis={r["case_id"]: r["synthesis"] for r in results})
     sizes = [r["synthesis"]["size"] for r in results]
     say(f"  {name}: {len(results)} cases in {out} (sizes {sizes[0]} .. {sizes[-1]})")
     return path
@@ -854,7 +854,8 @@ def write_dataset_summary(dataset: str, evaluate_dir: Path, results: Path, scale
 
 def refine_settings(scale: Scale):
     """RefineSettings for the timed runs: the defaults of `isseg refine` with the scale's options."""
-    from isseg.cli import build_parser, refine_settings_from
+    from isseg.cli import build_parser
+    from isseg.commands.options import refine_settings_from
 
     parsed = build_parser().parse_args(["refine", "--input", "x", "--model", "x", "--output", "x",
                                         *scale.refine_options])
@@ -873,7 +874,8 @@ def timed_run(case_path: Path, package: Path, output: Path, scale: Scale, device
     from isseg import model_package
     from isseg.inference import predict_probabilities
     from isseg.io import read_image
-    from isseg.pipeline import Run, resolve_device
+    from isseg.device import resolve_device
+    from isseg.pipeline import Run
     from isseg.preprocess import image_tensor, to_model_grid, zyx
 
     warnings.filterwarnings("ignore", category=UserWarning, module="monai")

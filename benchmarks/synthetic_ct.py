@@ -34,7 +34,6 @@ dataset.json) to ``~/.cache/isseg-benchmarks/`` (outside the repository).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -51,6 +50,7 @@ _ENGINE_DIR = str(Path(__file__).resolve().parent.parent / "InferenceSpecificSeg
 if _ENGINE_DIR not in sys.path:
     sys.path.insert(0, _ENGINE_DIR)
 from isseg.label_resampling import resample_labels  # noqa: E402  (the engine's one implementation)
+from isseg.datasets import write_msd_case, write_msd_dataset_json  # noqa: E402,F401 (real_anatomy uses them from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
@@ -859,49 +859,6 @@ def make_case(tissues: sitk.Image, tissue_hu: Mapping[int, float],
     return image, relabel(tissues, target_mapping)
 
 
-def write_msd_case(out_dir: Path, case_id: str, image: sitk.Image, labels: sitk.Image) -> dict:
-    """Write one case into out_dir/imagesTr and out_dir/labelsTr (.nii.gz).
-
-    The image is stored as int16 HU (rounded), the labels as uint8. Returns the
-    case's "training" entry for dataset.json (paths relative to out_dir).
-    """
-    out_dir = Path(out_dir)
-    entry = {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
-    for key in entry:
-        (out_dir / entry[key]).parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(sitk.Cast(sitk.Round(image), sitk.sitkInt16), str(out_dir / entry["image"]),
-                    useCompression=True)
-    sitk.WriteImage(sitk.Cast(labels, sitk.sitkUInt8), str(out_dir / entry["label"]),
-                    useCompression=True)
-    return entry
-
-
-def write_msd_dataset_json(out_dir: Path, name: str, description: str,
-                           label_names: Mapping[int, str], training: Sequence[dict],
-                           synthesis: Mapping[str, dict]) -> Path:
-    """Write the Medical Segmentation Decathlon dataset.json; returns its path.
-
-    training: entries from ``write_msd_case``; synthesis: case ID -> generation
-    parameters, stored under "synthesis" (ignored by MSD readers).
-    """
-    dataset = {
-        "name": name,
-        "description": description,
-        "tensorImageSize": "3D",
-        "modality": {"0": "CT"},
-        "labels": {str(value): label for value, label in sorted(label_names.items())},
-        "numTraining": len(training),
-        "numTest": 0,
-        "training": list(training),
-        "test": [],
-        "synthesis": dict(synthesis),
-    }
-    path = Path(out_dir) / "dataset.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
@@ -1010,7 +967,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{case_id}: {settings.phase}, noise {settings.noise_hu:.0f} HU, "
               f"size {image.GetSize()}, {time.perf_counter() - started:.1f} s", file=sys.stderr)
     print(write_msd_dataset_json(out, f"synthetic-{args.dataset}", description, names, training,
-                                 synthesis))
+                                 synthesis=synthesis))
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from isseg import phantom
 from isseg.events import EventWriter
-from isseg.train import TrainSettings, train_package
+from isseg.model_training import TrainSettings, train_package
 
 TARGET = Path(__file__).resolve().parents[1] / "InferenceSpecificSeg" / "isseg" / "demo_model"
 

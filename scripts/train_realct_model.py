@@ -40,10 +40,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import synthetic_ct as sct  # noqa: E402  (the ICRP phantom and CT synthesis of the benchmarks)
-from isseg import model_package, phantom  # noqa: E402
+from isseg import model_package, phantom, protocol  # noqa: E402
 from isseg.appearance import random_tissue_values  # noqa: E402
 from isseg.events import EventWriter  # noqa: E402
-from isseg.train import TrainSettings, train_package  # noqa: E402
+from isseg.model_training import TrainSettings, train_package  # noqa: E402
 
 VERSION = "1.0"
 #: The model's labels; values 1..6 are those of the procedural phantoms (isseg.phantom.ORGAN_NAMES).
@@ -268,13 +268,13 @@ def main() -> None:
                       description="Small UNet trained on the real anatomy of the ICRP adult male phantom and on "
                                   "procedural phantoms, with randomised appearance. For trying InferenceSpecificSeg "
                                   "on a real CT only: not for clinical use.")
-        config = json.loads((package / model_package.MODEL_JSON).read_text(encoding="utf-8"))
+        config = json.loads((package / protocol.MODEL_FILE).read_text(encoding="utf-8"))
         shutil.rmtree(package / "atlas")
         model_package.write_atlas(package / "atlas", atlas_cases(args.data_dir, tuple(args.spacing),
                                                                  args.atlas_cases, args.seed))
         config.update(version=VERSION, license=LICENSE, citation=CITATION,
                       model_card=model_card(config, args, records, (time.monotonic() - started) / 60))
-        (package / model_package.MODEL_JSON).write_text(json.dumps(config, indent=1), encoding="utf-8")
+        (package / protocol.MODEL_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
         shutil.rmtree(output, ignore_errors=True)
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(package, output)

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from isseg import model_package, phantom
+from isseg import phantom
 from isseg.events import EventWriter
 from isseg.metrics import dice_per_label
-from isseg.pipeline import Run, resolve_device
+from isseg.demo_model import demo_package_path
+from isseg.device import resolve_device
+from isseg.pipeline import Run
 from isseg.refinement import RefineSettings
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     device = resolve_device(args.device)
-    model_package.load("demo")
+    demo_model = demo_package_path()
     work = Path(tempfile.mkdtemp(prefix="isseg-tune-"))
     cases = {seed: phantom.generate(phantom.shifted_spec(seed)) for seed in args.seeds}
     for seed, case in cases.items():
@@ -70,7 +72,7 @@ def main() -> None:
         started = time.monotonic()
         for seed, case in cases.items():
             output = work / f"{name}_{seed}"
-            Run(work / f"case{seed}.nrrd", "demo", output, copy.deepcopy(VARIANTS[name]),
+            Run(work / f"case{seed}.nrrd", demo_model, output, copy.deepcopy(VARIANTS[name]),
                 EventWriter(stream=io.StringIO(), mode="json"), device, seed=0).execute()
             truth = sitk.GetArrayFromImage(case.labels)
             for scores, file_name in ((initial, "snapshot_0000.nrrd"), (refined, "labelmap.nrrd")):

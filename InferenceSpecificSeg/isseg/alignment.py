@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrelationLoss
 
-ALIGN_MODES = ("mask", "intensity", "both")
+from .protocol import ALIGN_MODES, DEFAULT_ALIGN_MODE
+
 
 
 @dataclass
 class AlignmentSettings:
-    mode: str = "mask"
+    mode: str = DEFAULT_ALIGN_MODE
     levels: tuple[int, ...] = (4, 2)
     iterations: int = 40
     warm_iterations: int = 20

@@ -17,19 +17,21 @@ Files in the output folder:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
-from . import phantom
-from .errors import EXIT_CANCELLED, EXIT_DONE, DiskError
+from . import phantom, protocol
+from .errors import DiskError
 from .events import EventWriter
+from .pipeline import RunResult, refine_with_fallback, settings_record
+from .refinement import RefineSettings
+from .timing import StageTimer
 from .io import write_image_atomic, write_text_atomic
 from .metrics import dice_per_label
 from .reporting import format_number, markdown_table, rounded_or_none, tell, write_csv
@@ -41,48 +43,53 @@ ORGANS = [label["name"] for label in phantom.LABELS]
 MEAN = "mean"  # the mean over organs, next to the organs in tables
 
 
-def register(commands) -> None:
-    from .cli import add_refine_options
-
-    parser = commands.add_parser(
-        "demo", help="try the method on a built-in phantom and get a report (about 2 minutes on a CPU)",
-        description=__doc__.split("\n\n")[1], epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="isseg-demo", help="output folder (default %(default)s)")
-    parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto",
-                        help="JSON lines (for programs) or a progress bar; auto picks the bar in a terminal")
-    add_refine_options(parser)
-    parser.set_defaults(handler=command_demo)
-
-
-def command_demo(args) -> int:
-    from .cli import refine_settings_from, run_refine_with_fallback
-    from .pipeline import settings_record
-
-    started = time.monotonic()
-    events = EventWriter(mode=args.progress)
-    settings = refine_settings_from(args)
-    output = Path(args.output)
+def run_demo(output: Path, model_path: Path, settings: RefineSettings, events: EventWriter, device: torch.device,
+             seed: int, largest_component: bool = True) -> dict:
+    """Generate the demo case for `seed`, refine it with the package at `model_path` (the demo model) and
+    write the report files into `output`; returns report.json's content."""
+    timer = StageTimer()
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DiskError(f"Cannot create the output folder '{output}' ({error.strerror}). Choose another --output.") from None
-
-    events.emit("stage", stage="generate", seed=args.seed)
-    spec = phantom.shifted_spec(args.seed)
+    timer.start("generate_case")
+    events.emit(protocol.EVENT_STAGE, stage="generate", seed=seed)
+    spec = phantom.shifted_spec(seed)
     case = phantom.generate(spec)
     ct_path = write_image_atomic(sitk.Cast(case.image, sitk.sitkInt16), output / "ct.nrrd")
     write_image_atomic(case.labels, output / "truth.nrrd")
-    seconds = {"generate_case": time.monotonic() - started}
+    timer.stop()
+    result = refine_with_fallback(ct_path, model_path, output / "refine", settings, events, device, seed, largest_component)
+    refine_report = json.loads(result.report.read_text(encoding="utf-8"))
+    timer.seconds.update(refine_report["seconds"])
 
-    refine_args = argparse.Namespace(**vars(args), input=str(ct_path), model="demo")
-    result = run_refine_with_fallback(refine_args, settings, events, output / "refine")
-    refine_report = json.loads(Path(result["report"]).read_text(encoding="utf-8"))
-    seconds.update(refine_report["seconds"])
+    timer.start("report")
+    dice, table, figure_path = _compare_with_truth(case, result, output)
+    timer.stop()
+    seconds = {**timer.seconds, "total": sum(timer.seconds.values())}
+    report = {
+        "partial": result.partial,
+        "case": {"generator": "isseg.phantom.shifted_spec", "spec": dataclasses.asdict(spec)},
+        "dice": {organ: {method: rounded_or_none(dice[method][organ]) for method in dice} for organ in ORGANS},
+        "mean_dice": {method: rounded_or_none(dice[method][MEAN]) for method in dice},
+        "seconds": {stage: round(value, 2) for stage, value in seconds.items()},
+        "settings": settings_record(settings, seed=seed, device=refine_report["device"], model="demo",
+                                    largest_component=largest_component),
+        "files": {"ct": "ct.nrrd", "truth": "truth.nrrd", "initial": "initial.nrrd", "refined": "refined.nrrd",
+                  "figure": figure_path.name, "dice_table": ["dice_table.md", "dice_table.csv"], "refine_run": "refine/"},
+    }
+    report_path = write_text_atomic(json.dumps(report, indent=1), output / protocol.REPORT_FILE)
+    events.emit("report", report=str(report_path), figure=str(figure_path), mean_dice=report["mean_dice"],
+                partial=result.partial)
+    tell(events, summary_text(output, spec, table, seconds, result.partial))
+    return report
 
-    report_started = time.monotonic()
+
+def _compare_with_truth(case: phantom.Phantom, result: RunResult, output: Path) -> tuple[dict, str, Path]:
+    """Copy the initial and refined masks next to the case, score them against the truth and draw them;
+    returns the Dice per method and organ, the Markdown table and the figure's path."""
     mask_paths = {"initial": shutil.copyfile(output / "refine" / "snapshot_0000.nrrd", output / "initial.nrrd"),
-                  "refined": shutil.copyfile(result["labelmap"], output / "refined.nrrd")}
+                  "refined": shutil.copyfile(result.labelmap, output / "refined.nrrd")}
     masks = {method: sitk.GetArrayFromImage(sitk.ReadImage(str(path))) for method, path in mask_paths.items()}
     truth = sitk.GetArrayFromImage(case.labels)
     dice = dice_by_organ(masks, truth)
@@ -90,25 +97,7 @@ def command_demo(args) -> int:
     figure_path = contour_figure(sitk.GetArrayFromImage(case.image), truth, masks,
                                  {method: scores[MEAN] for method, scores in dice.items()},
                                  case.image, phantom.LABELS, output / "figure.png")
-    seconds["report"] = time.monotonic() - report_started
-    seconds["total"] = time.monotonic() - started
-
-    report = {
-        "partial": result["partial"],
-        "case": {"generator": "isseg.phantom.shifted_spec", "spec": dataclasses.asdict(spec)},
-        "dice": {organ: {method: rounded_or_none(dice[method][organ]) for method in dice} for organ in ORGANS},
-        "mean_dice": {method: rounded_or_none(dice[method][MEAN]) for method in dice},
-        "seconds": {stage: round(value, 2) for stage, value in seconds.items()},
-        "settings": settings_record(settings, seed=args.seed, device=refine_report["device"], model="demo",
-                                    largest_component=not args.no_largest_component),
-        "files": {"ct": "ct.nrrd", "truth": "truth.nrrd", "initial": "initial.nrrd", "refined": "refined.nrrd",
-                  "figure": figure_path.name, "dice_table": ["dice_table.md", "dice_table.csv"], "refine_run": "refine/"},
-    }
-    report_path = write_text_atomic(json.dumps(report, indent=1), output / "report.json")
-    events.emit("report", report=str(report_path), figure=str(figure_path), mean_dice=report["mean_dice"],
-                partial=result["partial"])
-    tell(events, summary_text(output, spec, table, seconds, result["partial"]))
-    return EXIT_CANCELLED if result["partial"] else EXIT_DONE
+    return dice, table, figure_path
 
 
 def dice_by_organ(masks: dict[str, np.ndarray], truth: np.ndarray) -> dict[str, dict[str, float]]:

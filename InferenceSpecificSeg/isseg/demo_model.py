@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from . import model_package, phantom
+from .protocol import ATLAS_MANIFEST, MODEL_FILE, WEIGHTS_FILE
 
 SHIPPED = Path(__file__).parent / "demo_model"
 
@@ -28,9 +29,9 @@ def demo_atlas_cases(config: dict) -> list[tuple]:
 
 def demo_package_path() -> Path:
     """Folder of the complete demo package in the cache, created on first use."""
-    config = json.loads((SHIPPED / model_package.MODEL_JSON).read_text(encoding="utf-8"))
-    target = model_package.cache_dir() / f"demo-model-{config['version']}-{model_package.sha256(SHIPPED / model_package.WEIGHTS_FILE)[:12]}"
-    if (target / model_package.ATLAS_MANIFEST).is_file():
+    config = json.loads((SHIPPED / MODEL_FILE).read_text(encoding="utf-8"))
+    target = model_package.cache_dir() / f"demo-model-{config['version']}-{model_package.sha256(SHIPPED / WEIGHTS_FILE)[:12]}"
+    if (target / ATLAS_MANIFEST).is_file():
         return target
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=target.parent))
     try:

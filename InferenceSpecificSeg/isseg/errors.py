@@ -4,8 +4,7 @@ The message of every error says what happened and what the user can do about it.
 The exit codes are part of the worker protocol (docs/worker-protocol.md).
 """
 
-from .protocol import (EXIT_BAD_INPUT, EXIT_BAD_MODEL, EXIT_CANCELLED, EXIT_DISK, EXIT_DONE,  # noqa: F401 (re-exported)
-                       EXIT_INTERNAL, EXIT_OUT_OF_MEMORY)
+from .protocol import EXIT_BAD_INPUT, EXIT_BAD_MODEL, EXIT_DISK, EXIT_INTERNAL, EXIT_OUT_OF_MEMORY
 
 
 class IssegError(Exception):
@@ -36,6 +35,5 @@ class DiskError(IssegError):
 
 
 class Cancelled(Exception):
-    """Raised inside the pipeline when the user asked to stop; not an error."""
-
-    exit_code = EXIT_CANCELLED
+    """Raised inside the pipeline when the user asked to stop; not an error (the run ends with its
+    partial result and protocol.EXIT_CANCELLED)."""

@@ -25,7 +25,6 @@ Files in the output folder:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -37,16 +36,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import model_package
+from . import model_package, protocol
 from .alignment import align_atlas
-from .errors import EXIT_DONE, BadInputError, DiskError, IssegError
+from .datasets import read_labelled_case, read_msd_dataset
+from .errors import BadInputError, DiskError, IssegError
 from .events import EventWriter, RunClock
-from .io import labelmap_like, read_image, resample_to, write_image_atomic, write_text_atomic
+from .io import labelmap_like, resample_to, write_image_atomic, write_text_atomic
 from .metrics import dice_per_label, hd95_per_label
-from .pipeline import Run, atlas_arrays, resolve_device, settings_record
+from .pipeline import RunResult, atlas_arrays, refine_with_fallback, settings_record
 from .refinement import RefineSettings
 from .reporting import format_number, is_missing, markdown_table, rounded_or_none, tell, write_csv
-from .train import read_msd_dataset
 
 log = logging.getLogger("isseg")
 
@@ -161,34 +160,26 @@ def organ_correspondence(dataset_names: dict[int, str], package: model_package.M
     return dict(sorted(organs.items())), lookup
 
 
-def read_truth(image_path: Path, label_path: Path, lookup: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
+def read_truth(image_path: Path, label_path: Path, names: dict[int, str],
+               lookup: np.ndarray) -> tuple[np.ndarray, tuple[float, ...]]:
     """The true labelmap (z, y, x) in model label values and the voxel spacing (mm, z y x).
 
-    Raises BadInputError when the image or labels cannot be read or do not share a grid."""
-    image = read_image(image_path)
-    try:
-        labels = sitk.ReadImage(str(label_path))
-    except RuntimeError as error:
-        raise BadInputError(f"Could not read the label map '{label_path}' ({str(error).strip().splitlines()[-1]}).") from None
-    if labels.GetSize() != image.GetSize():
-        raise BadInputError(f"'{label_path}' has size {labels.GetSize()} but its image '{image_path}' has "
-                            f"{image.GetSize()}: a label map must be on the grid of its image.")
-    values = sitk.GetArrayFromImage(labels).astype(np.int64)
-    if values.min() < 0 or values.max() >= len(lookup):
-        raise BadInputError(f"'{label_path}' holds label values outside those named in dataset.json.")
-    return lookup[values], image.GetSpacing()[::-1]
+    names: the dataset's label names; lookup: dataset label value -> model label value. Raises
+    BadInputError when the image or labels cannot be read or do not fit (datasets.read_labelled_case)."""
+    image, labels = read_labelled_case(image_path, label_path, names)
+    return lookup[sitk.GetArrayFromImage(labels).astype(np.int64)], image.GetSpacing()[::-1]
 
 
-def registration_baseline(run: Run, settings: RefineSettings) -> sitk.Image:
+def registration_baseline(run: RunResult, settings: RefineSettings, device: torch.device) -> sitk.Image:
     """Registration only, no fine-tuning: the atlas labels aligned (mask-driven) to the run's initial mask,
     combined by a per-voxel majority vote (ties go to the lower label value, so background wins them),
     on the run's input grid."""
-    atlas_images, atlas_labels = atlas_arrays(run.package)
-    target = run.prepared.tensor
-    aligned = align_atlas(atlas_images, atlas_labels, target, run.initial_probabilities, settings.alignment, run.device)
-    votes = torch.stack([(aligned.labels[:, 0] == value).sum(0) for value in range(run.package.num_classes)])
+    case = run.case
+    atlas_images, atlas_labels = atlas_arrays(case.package)
+    aligned = align_atlas(atlas_images, atlas_labels, case.target, run.initial_probabilities, settings.alignment, device)
+    votes = torch.stack([(aligned.labels[:, 0] == value).sum(0) for value in range(case.package.num_classes)])
     majority = votes.argmax(0).numpy().astype(np.uint8)
-    return resample_to(labelmap_like(majority, run.model_image), run.input_image, is_label=True)
+    return resample_to(labelmap_like(majority, case.model_image), case.input_image, is_label=True)
 
 
 def _error_text(error: Exception) -> str:
@@ -198,53 +189,90 @@ def _error_text(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def evaluate_case(case_id: str, image_path: Path, label_path: Path, lookup: np.ndarray, organs: dict[int, str],
-                  model: str, variants: list[Variant], base: RefineSettings, output: Path, events: EventWriter,
-                  device: torch.device, seed: int, largest_component: bool) -> CaseResult:
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate_dataset` compares, and how: the model package, the variants, the base settings,
+    the device, the seed and whether the largest component of each single-piece organ is kept."""
+
+    model: Path
+    variants: tuple[Variant, ...]
+    base: RefineSettings
+    device: torch.device
+    seed: int
+    largest_component: bool
+
+    @property
+    def methods(self) -> list[str]:
+        return [*BASELINES, *(variant.name for variant in self.variants)]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled case of the data set and what is needed to score it against the model's labels:
+    the dataset's label names, the lookup from dataset to model label values and the organs scored
+    (model value -> name)."""
+
+    case_id: str
+    image_path: Path
+    label_path: Path
+    names: dict[int, str]
+    lookup: np.ndarray
+    organs: dict[int, str]
+
+
+def evaluate_case(case: Case, evaluation: Evaluation, output: Path, events: EventWriter) -> CaseResult:
     """Run every method on one case and score it. Errors are recorded in the result, never raised:
-    a case that cannot be read fails every method, a run that fails fails its own method (and the
-    baselines too if no run got as far as the initial segmentation)."""
-    result = CaseResult(case_id)
-    methods = [*BASELINES, *(variant.name for variant in variants)]
+    a case that cannot be read fails every method, a run that fails fails its own method, and the
+    baselines come from the first run that completed (they fail too if none did)."""
+    result = CaseResult(case.case_id)
     try:
-        truth, spacing = read_truth(image_path, label_path, lookup)
+        truth, spacing = read_truth(case.image_path, case.label_path, case.names, case.lookup)
     except IssegError as error:
-        result.errors = {method: str(error) for method in methods}
+        result.errors = {method: str(error) for method in evaluation.methods}
         return result
 
     def add_score(method: str, compute_labelmap) -> None:
         try:
             labelmap = sitk.GetArrayFromImage(compute_labelmap())
-            result.scores[method] = score(labelmap, truth, organs, spacing)
+            result.scores[method] = score(labelmap, truth, case.organs, spacing)
         except Exception as error:  # reported in the outputs, and the evaluation goes on
             result.errors[method] = _error_text(error)
 
-    for variant in variants:
-        run_dir = output / variant.name
-        run = Run(image_path, model, run_dir, variant.settings(base),
-                  TaggedEvents(events, case=case_id, method=variant.name), device, seed, largest_component)
-        add_score(variant.name, lambda: sitk.ReadImage(run.execute()["labelmap"]))
-        if REFERENCE_METHOD not in result.scores and run.snapshot_index > 0:
-            # The first run that got past its initial segmentation provides both baselines.
-            add_score(REFERENCE_METHOD, lambda: sitk.ReadImage(str(run_dir / "snapshot_0000.nrrd")))
-            events.emit("stage", stage="align", case=case_id, method="registration", round=1)
-            add_score("registration", lambda: registration_run(run, base, output / "registration", seed))
+    for variant in evaluation.variants:
+        runs = []
+        add_score(variant.name, lambda: sitk.ReadImage(str(_variant_run(case, variant, evaluation, output, events, runs))))
+        if REFERENCE_METHOD not in result.scores and runs:
+            add_score(REFERENCE_METHOD, lambda: sitk.ReadImage(str(output / variant.name / "snapshot_0000.nrrd")))
+            events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_ALIGN, case=case.case_id, method="registration", round=1)
+            add_score("registration", lambda: registration_run(runs[0], evaluation, output / "registration"))
     for method in BASELINES:
         if method not in result.scores and method not in result.errors:
             first_error = next(iter(result.errors.values()), "unknown error")
-            result.errors[method] = f"no run produced an initial segmentation ({first_error})"
+            result.errors[method] = f"no run of this case completed ({first_error})"
     return result
 
 
-def registration_run(run: Run, base: RefineSettings, output: Path, seed: int) -> sitk.Image:
+def _variant_run(case: Case, variant: Variant, evaluation: Evaluation, output: Path, events: EventWriter,
+                 runs: list[RunResult]) -> Path:
+    """Run one variant on the case (with the out-of-memory fall-back); appends its result to `runs` and
+    returns the path of its labelmap."""
+    run = refine_with_fallback(case.image_path, evaluation.model, output / variant.name, variant.settings(evaluation.base),
+                               TaggedEvents(events, case=case.case_id, method=variant.name), evaluation.device,
+                               evaluation.seed, evaluation.largest_component)
+    runs.append(run)
+    return run.labelmap
+
+
+def registration_run(run: RunResult, evaluation: Evaluation, output: Path) -> sitk.Image:
     """The registration baseline for the case of `run`, written with its settings record to `output`."""
-    settings = copy.deepcopy(base)
+    settings = copy.deepcopy(evaluation.base)
     settings.alignment.mode = "mask"
     output.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(json.dumps(settings_record(settings, method="registration", seed=seed, device=str(run.device),
-                                                 input=str(run.input_path)), indent=1), output / "settings.json")
-    labelmap = registration_baseline(run, settings)
-    write_image_atomic(labelmap, output / "labelmap.nrrd")
+    write_text_atomic(json.dumps(settings_record(settings, method="registration", seed=evaluation.seed,
+                                                 device=str(evaluation.device)), indent=1),
+                      output / protocol.SETTINGS_FILE)
+    labelmap = registration_baseline(run, settings, evaluation.device)
+    write_image_atomic(labelmap, output / protocol.LABELMAP_FILE)
     return labelmap
 
 
@@ -374,49 +402,24 @@ def dice_boxplot(results: list[CaseResult], methods: list[str], organs: list[str
     return path
 
 
-def register(commands) -> None:
-    from .cli import add_refine_options
-
-    parser = commands.add_parser(
-        "evaluate", help="compare inference-specific learning with its baselines on labelled cases",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", required=True, help="folder with dataset.json and the images and labels it lists")
-    parser.add_argument("--model", required=True, help="model package folder or .zip, or 'demo'")
-    parser.add_argument("--output", required=True, help="output folder (created if needed)")
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS), metavar="NAME",
-                        help=f"inference-specific learning variants to run: {', '.join(VARIANTS)} (default: all). "
-                             "Each sets the alignment "
-                             "mode, moving average and loss itself, so --align-mode, --no-moving-average and --loss "
-                             "do not apply here")
-    parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto",
-                        help="JSON lines (for programs) or a progress bar; auto picks the bar in a terminal")
-    add_refine_options(parser)
-    parser.set_defaults(handler=command_evaluate)
-
-
-def command_evaluate(args) -> int:
-    from .cli import refine_settings_from
-
-    events = EventWriter(mode=args.progress)
-    base = refine_settings_from(args)
-    device = resolve_device(args.device)
-    cases_folder, output = Path(args.cases), Path(args.output)
+def evaluate_dataset(cases_folder: Path, evaluation: Evaluation, output: Path, events: EventWriter) -> dict:
+    """Evaluate every case of an MSD folder and write metrics.csv, summary.md, dice_boxplot.png and
+    settings.json to `output`; returns the `done` event fields."""
     entries, dataset_names = read_msd_dataset(cases_folder)
-    package = model_package.load(args.model)
+    package = model_package.load(evaluation.model)
     organ_values, lookup = organ_correspondence(dataset_names, package, cases_folder)
     organs = list(organ_values.values())
-    variants = [VARIANTS[name] for name in dict.fromkeys(args.variants)]
-    methods = [*BASELINES, *(variant.name for variant in variants)]
+    methods = evaluation.methods
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DiskError(f"Cannot create the output folder '{output}' ({error.strerror}). Choose another --output.") from None
     write_text_atomic(json.dumps(settings_record(
-        base, seed=args.seed, device=str(device), cases=str(cases_folder), methods=methods,
+        evaluation.base, seed=evaluation.seed, device=str(evaluation.device), cases=str(cases_folder), methods=methods,
         variants={v.name: {"align_mode": v.align_mode, "moving_average": v.moving_average, "loss": v.loss}
-                  for v in variants},
+                  for v in evaluation.variants},
         model={"path": str(package.root), "name": package.config["name"], "version": package.config.get("version")},
-        largest_component=not args.no_largest_component), indent=1), output / "settings.json")
+        largest_component=evaluation.largest_component), indent=1), output / protocol.SETTINGS_FILE)
 
     clock = RunClock(len(entries))
     results = []
@@ -425,22 +428,27 @@ def command_evaluate(args) -> int:
             tell(events, f"\nCase {index} of {len(entries)}: {case_id}")
         else:
             events.emit("case", case=case_id, index=index, total=len(entries))
-        result = evaluate_case(case_id, image_path, label_path, lookup, organ_values, args.model, variants, base,
-                               output / "cases" / case_id, events, device, args.seed, not args.no_largest_component)
+        case = Case(case_id, image_path, label_path, dataset_names, lookup, organ_values)
+        result = evaluate_case(case, evaluation, output / "cases" / case_id, events)
         results.append(result)
         clock.advance(1)
-        events.emit("progress", stage="evaluate", step=index, total=len(entries), loss=None, eta_s=clock.seconds_left(),
-                    case=case_id, failed=sorted(result.errors),
+        events.emit(protocol.EVENT_PROGRESS, stage="evaluate", step=index, total=len(entries), loss=None,
+                    eta_s=clock.seconds_left(), case=case_id, failed=sorted(result.errors),
                     mean_dice={method: rounded_or_none(result.dice(method, MEAN)) for method in methods})
+    return write_evaluation(results, methods, organs, f"Evaluation of {package.config['name']} on {cases_folder.name}",
+                            output, events)
 
+
+def write_evaluation(results: list[CaseResult], methods: list[str], organs: list[str], title: str, output: Path,
+                     events: EventWriter) -> dict:
+    """Write metrics.csv, summary.md and dice_boxplot.png, announce them and return the `done` event fields."""
     metrics_path = write_csv(output / "metrics.csv", ["case", "method", "organ", "dice", "hd95_mm", "status", "error"],
                              metrics_rows(results, methods, organs))
-    title = f"Evaluation of {package.config['name']} on {cases_folder.name}"
     summary = summary_markdown(results, methods, organs, title)
     summary_path = write_text_atomic(summary, output / "summary.md")
     plot_path = dice_boxplot(results, methods, organs, output / "dice_boxplot.png")
-    failed_runs = sum(len(r.errors) for r in results)
-    events.emit("done", metrics=str(metrics_path), summary=str(summary_path), plot=str(plot_path),
-                failed_runs=failed_runs)
+    fields = {"metrics": str(metrics_path), "summary": str(summary_path), "plot": str(plot_path),
+              "failed_runs": sum(len(r.errors) for r in results)}
+    events.emit(protocol.EVENT_DONE, **fields)
     tell(events, f"\n{summary}\nFiles in {output}/: summary.md, metrics.csv, dice_boxplot.png, settings.json, cases/\n")
-    return EXIT_DONE
+    return fields

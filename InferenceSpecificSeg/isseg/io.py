@@ -35,7 +35,7 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise BadInputError(
-            f"Could not read '{path}' as an image ({_first_line(error)}). "
+            f"Could not read '{path}' as an image ({last_line(error)}). "
             "Give a NIfTI (.nii/.nii.gz), NRRD, MHA file or a folder with one DICOM series."
         ) from None
     return check_ct_volume(image, str(path))
@@ -56,7 +56,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
-def _first_line(error: Exception) -> str:
+def last_line(error: Exception) -> str:
+    """The last non-empty line of an error's message, or the error's type name when it is empty.
+    SimpleITK's messages start with the C++ source location and end with what went wrong."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
 
@@ -115,7 +117,7 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: boo
         if "temporary" in locals() and os.path.exists(temporary):
             os.remove(temporary)
         raise DiskError(
-            f"Could not write '{path}' ({_first_line(error)}). Free disk space or choose another output folder."
+            f"Could not write '{path}' ({last_line(error)}). Free disk space or choose another output folder."
         ) from None
     return path
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-LOSS_NAMES = ("dicece", "region_tversky")
+from .protocol import LOSS_NAMES
 
 
 class AdaptiveRegionTverskyLoss(torch.nn.Module):

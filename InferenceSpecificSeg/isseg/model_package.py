@@ -28,11 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import BadModelError
 from .networks import KIND_MONAI, NetworkKind, OutputClasses, kind_for
+from .protocol import ATLAS_MANIFEST, MODEL_FILE, WEIGHTS_FILE
 
 FORMAT_VERSION = 1
-MODEL_JSON = "model.json"
-WEIGHTS_FILE = "model.safetensors"
-ATLAS_MANIFEST = "atlas/manifest.json"
 
 
 @dataclass
@@ -177,23 +175,20 @@ def sha256(path: Path) -> str:
 
 
 def load(path: str | Path, *, check_atlas: bool = True) -> ModelPackage:
-    """Load and validate a model package folder or .zip; `demo` gives the built-in demo model.
+    """Load and validate a model package folder or .zip (the command layer turns the name `demo` into
+    the path of the built-in demo package).
 
     Raises BadModelError, naming the file at fault and what to do, when anything is missing,
     corrupt or inconsistent. Weights are checked against the network when it is built.
     """
-    if str(path) == "demo":
-        from .demo_model import demo_package_path
-
-        path = demo_package_path()
     root = Path(path)
     if not root.exists():
         raise BadModelError(f"Model package '{root}' does not exist. Pick a package folder or .zip, or use 'demo'.")
     if root.is_file():
         root = _extract_zip(root)
-    config_path = root / MODEL_JSON
+    config_path = root / MODEL_FILE
     if not config_path.is_file():
-        raise BadModelError(f"'{root}' is not a model package: it has no {MODEL_JSON}. Pick the package folder itself.")
+        raise BadModelError(f"'{root}' is not a model package: it has no {MODEL_FILE}. Pick the package folder itself.")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -299,7 +294,7 @@ def _extract_zip(zip_path: Path) -> Path:
                     raise BadModelError(f"'{zip_path}' holds an unsafe path '{member}'; it will not be unpacked.")
             archive.extractall(staging)
         staging.rename(target)
-    configs = sorted(target.rglob(MODEL_JSON), key=lambda p: len(p.parts))
+    configs = sorted(target.rglob(MODEL_FILE), key=lambda p: len(p.parts))
     return configs[0].parent if configs else target
 
 
@@ -341,12 +336,12 @@ def save(root: Path, config: dict, network: torch.nn.Module | dict, atlas_cases=
     if atlas_cases is not None:
         write_atlas(root / "atlas", atlas_cases)
         config["atlas"] = ATLAS_MANIFEST
-    (root / MODEL_JSON).write_text(json.dumps(config, indent=1), encoding="utf-8")
+    (root / MODEL_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
     return root
 
 
 def copy_without_atlas(source: Path, target: Path) -> None:
     """Copy model.json and weights of a package (used to place the built-in model in the cache)."""
     target.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_JSON, WEIGHTS_FILE):
+    for name in (MODEL_FILE, WEIGHTS_FILE):
         shutil.copy2(source / name, target / name)

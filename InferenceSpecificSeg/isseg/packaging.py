@@ -25,7 +25,8 @@ import SimpleITK as sitk
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from . import model_package
+from . import model_package, protocol
+from .datasets import DATASET_FILE, read_msd_dataset
 from .errors import BadInputError, BadModelError
 from .io import read_image, resample_to
 from .label_resampling import resample_labels_onto
@@ -58,7 +59,7 @@ def read_network(path: Path, fold: str | None = None, configuration: str | None 
     if not path.is_dir():
         raise BadModelError(f"'{path}' is not a folder. Give an nnU-Net v2 trained-model folder, a MONAI "
                             "bundle folder or an isseg package folder.")
-    if (path / model_package.MODEL_JSON).is_file():
+    if (path / protocol.MODEL_FILE).is_file():
         return _read_isseg_package(path)
     if (path / "configs").is_dir():
         from .networks import bundle
@@ -94,10 +95,8 @@ def _read_isseg_package(path: Path) -> SourceNetwork:
 def read_atlas_folder(folder: Path) -> tuple[list[tuple[str, Path, Path]], dict[int, str] | None]:
     """The (case id, image, labelmap) files and the label names (None if the folder names none) of an
     atlas folder: MSD layout (dataset.json, imagesTr/, labelsTr/) or pairs <case>_image / <case>_label."""
-    from .train import read_msd_dataset
-
     folder = Path(folder)
-    if (folder / "dataset.json").is_file():
+    if (folder / DATASET_FILE).is_file():
         return read_msd_dataset(folder)
     cases = []
     for image_path in sorted(folder.iterdir()):

@@ -12,7 +12,6 @@ Everything is driven by one seed: the same `PhantomSpec` gives the same voxels.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .datasets import write_msd_case, write_msd_dataset_json
 from .terminology import describe_label
 
 ORGAN_NAMES = ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "gallbladder")
@@ -214,19 +214,13 @@ def _intensities(tissue, labels, hu, spec: PhantomSpec, rng: np.random.Generator
 
 
 def write_msd_dataset(folder, specs: Sequence[PhantomSpec], name: str = "phantoms") -> Path:
-    """Generate one phantom per spec into a Medical Segmentation Decathlon folder: imagesTr/ and
-    labelsTr/ (`phantom_<seed>.nii.gz`, image in HU as int16) and dataset.json listing them as
-    "training" cases, with LABELS as the label names. Returns the folder."""
-    folder = Path(folder)
-    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (folder / "labelsTr").mkdir(exist_ok=True)
+    """Generate one phantom per spec into a Medical Segmentation Decathlon folder (isseg.datasets):
+    imagesTr/ and labelsTr/ (`phantom_<seed>.nii.gz`, image in HU as int16) and dataset.json listing
+    them as "training" cases, with LABELS as the label names. Returns the folder."""
     training = []
     for spec in specs:
         case = generate(spec)
-        file_name = f"phantom_{spec.seed:03d}.nii.gz"
-        sitk.WriteImage(sitk.Cast(case.image, sitk.sitkInt16), str(folder / "imagesTr" / file_name))
-        sitk.WriteImage(case.labels, str(folder / "labelsTr" / file_name))
-        training.append({"image": f"./imagesTr/{file_name}", "label": f"./labelsTr/{file_name}"})
-    labels = {"0": "background", **{str(label["value"]): label["name"] for label in LABELS}}
-    (folder / "dataset.json").write_text(json.dumps({"name": name, "labels": labels, "training": training}, indent=1), encoding="utf-8")
-    return folder
+        training.append(write_msd_case(folder, f"phantom_{spec.seed:03d}", case.image, case.labels))
+    names = {0: "background", **{label["value"]: label["name"] for label in LABELS}}
+    write_msd_dataset_json(folder, name, "phantoms of isseg.phantom", names, training)
+    return Path(folder)

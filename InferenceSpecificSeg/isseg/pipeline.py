@@ -2,30 +2,33 @@
 
 read input -> model grid -> initial segmentation (snapshot 0) -> alignment rounds and fine-tuning
 (a snapshot after each moving-average update) -> final labelmap, probabilities and report.
-Cancelling keeps the current moving average as a partial result.
+Cancelling keeps the current moving average as a partial result. `refine_with_fallback` runs it with
+the out-of-memory fall-back (lighter settings, then the CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import signal
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, model_package
-from .errors import BadInputError, Cancelled, DiskError
+from . import __version__, model_package, protocol
+from .alignment import AlignedAtlas
+from .device import Attempt, memory_fallback_attempts, with_memory_fallback
+from .errors import Cancelled, DiskError
 from .events import EventWriter, RunClock
 from .io import read_image, write_image_atomic, write_text_atomic
-from .networks import predict_probabilities
+from .networks import PreparedCase, predict_probabilities
 from .postprocess import labelmap_on_grid
-from .refinement import MovingAverage, RefineSettings, refine
+from .refinement import RefineObserver, RefineSettings, refine
+from .timing import StageTimer
 
 # An alignment round costs about as much time as this many fine-tuning steps on a CPU; only used
 # to spread the progress bar and the time-left estimate over the run.
@@ -33,10 +36,11 @@ ALIGN_ROUND_UNITS = 40
 
 
 class CancelToken:
-    """Set by SIGTERM/SIGINT or by a file named `cancel` in the output folder."""
+    """Set by SIGTERM/SIGINT (once `install_signal_handlers` ran) or by a file named `cancel` in the
+    output folder."""
 
     def __init__(self, output_dir: Path):
-        self.cancel_file = output_dir / "cancel"
+        self.cancel_file = Path(output_dir) / protocol.CANCEL_FILE
         self.requested = False
 
     def install_signal_handlers(self) -> None:
@@ -52,23 +56,8 @@ class CancelToken:
             raise Cancelled()
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when a GPU is usable, else the CPU.
-
-    ISSEG_CUDA_MEMORY_FRACTION (0 to 1) caps the share of GPU memory this process may take, e.g. to
-    leave room for Slicer's rendering on the same GPU.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BadInputError("--device cuda was asked for, but no CUDA GPU is usable here. Use --device auto or cpu.")
-    device = torch.device(name)
-    if device.type == "cuda" and os.environ.get("ISSEG_CUDA_MEMORY_FRACTION"):
-        torch.cuda.set_per_process_memory_fraction(float(os.environ["ISSEG_CUDA_MEMORY_FRACTION"]))
-    return device
-
-
 def settings_record(settings: RefineSettings, **extra) -> dict:
+    """settings.json content: every refinement setting, `extra` entries and the library versions."""
     return {
         "refine": dataclasses.asdict(settings),
         **extra,
@@ -93,22 +82,114 @@ def atlas_arrays(package: model_package.ModelPackage) -> tuple[list[np.ndarray],
     return images, labels
 
 
-class Run:
-    """State of one run: where results go and what has been published so far."""
+@dataclass
+class RunCase:
+    """The case of a run: the package, the user's image (HU, input grid) and the image prepared for the
+    package's network (`prepared.model_image` on the model grid, `prepared.tensor` (1, 1, z, y, x))."""
 
-    def __init__(self, input_path, model, output_dir, settings: RefineSettings, events: EventWriter,
-                 device: torch.device, seed: int, largest_component: bool = True):
-        self.input_path, self.model_ref = input_path, model
+    package: model_package.ModelPackage
+    input_image: sitk.Image
+    prepared: PreparedCase
+
+    @property
+    def target(self) -> torch.Tensor:
+        """The network input (1, 1, z, y, x), normalized as the network's preprocessing does."""
+        return self.prepared.tensor
+
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """The network's patch (z, y, x voxels)."""
+        return self.package.network_kind.patch_zyx
+
+    def predict(self, network: torch.nn.Module, device: torch.device) -> torch.Tensor:
+        """The network's probabilities (1, C, z, y, x) of this case, as its own predictor computes them."""
+        return predict_probabilities(self.package.network_kind, network, self.target, device)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the files (labelmap and probabilities, report.json), whether it was cancelled
+    (a partial result), the snapshots published so far (over all attempts), the initial probabilities
+    (1, C, z, y, x) on the model grid and the prepared case."""
+
+    labelmap: Path
+    probabilities: Path
+    report: Path
+    partial: bool
+    snapshots: int
+    initial_probabilities: torch.Tensor
+    case: RunCase
+
+    def event_fields(self) -> dict:
+        """The fields of the `done` (or `cancelled`) event."""
+        return {"labelmap": str(self.labelmap), "probabilities": str(self.probabilities),
+                "report": str(self.report), "partial": self.partial}
+
+
+class _RunProgress(RefineObserver):
+    """Turns what `refine` reports into protocol events, stage times, snapshots and cancel checks."""
+
+    def __init__(self, run: Run, case: RunCase, timer: StageTimer):
+        self.run, self.case, self.timer = run, case, timer
+        self.clock = RunClock(run.settings.rounds * ALIGN_ROUND_UNITS + run.settings.steps)
+        self.alignment_quality: list[dict] = []
+        self.probabilities: torch.Tensor | None = None
+        self.updates = 0
+
+    def _progress(self, stage: str, step: int, total: int, loss: float | None) -> None:
+        self.run.events.emit(protocol.EVENT_PROGRESS, stage=stage, step=step, total=total, loss=loss,
+                             eta_s=self.clock.seconds_left(), done_fraction=self.clock.done_units / self.clock.total_units)
+
+    def stage(self, stage: str, round_index: int) -> None:
+        self.timer.start(stage)
+        self.run.events.emit(protocol.EVENT_STAGE, stage=stage, round=round_index)
+
+    def align_iteration(self, done: int, total: int) -> None:
+        self.run.cancel.check()
+        self.clock.advance(ALIGN_ROUND_UNITS / total)
+        if done % 10 == 0 or done == total:
+            self._progress(protocol.STAGE_ALIGN, done, total, None)
+
+    def aligned(self, atlas: AlignedAtlas, round_index: int) -> None:
+        self.alignment_quality.append({
+            "round": round_index, "dice_to_mask": [round(float(d), 4) for d in atlas.dice],
+            "folding_fraction": [float(f) for f in atlas.folding]})
+
+    def before_step(self, step: int) -> None:
+        self.run.cancel.check()
+
+    def step(self, step: int, loss: float) -> None:
+        self.clock.advance(1)
+        self._progress(protocol.STAGE_REFINE, step, self.run.settings.steps, round(loss, 5))
+
+    def updated(self, step: int, probabilities: torch.Tensor, updates: int) -> None:
+        self.probabilities, self.updates = probabilities, updates
+        self.run.publish_snapshot(self.case, probabilities, step)
+
+
+class Run:
+    """One run: segment `input_path` with the package at `model_path` and refine the result, writing
+    into `output_dir`. Events go to `events`; `cancel` (by default one for `output_dir`) stops it;
+    `first_snapshot` numbers the first snapshot (a retry after running out of memory continues the
+    numbering). `execute()` does the work once and returns a RunResult."""
+
+    def __init__(self, input_path, model_path, output_dir, settings: RefineSettings, events: EventWriter,
+                 device: torch.device, seed: int, largest_component: bool = True, cancel: CancelToken | None = None,
+                 first_snapshot: int = 0):
+        self.input_path, self.model_path = Path(input_path), Path(model_path)
         self.output_dir = Path(output_dir)
         self.settings, self.events, self.device, self.seed = settings, events, device, seed
         self.largest_component = largest_component
-        self.cancel = CancelToken(self.output_dir)
-        self.snapshot_index = 0
-        self.seconds: dict[str, float] = {}
-        self.alignment_quality: list[dict] = []
-        self.average: MovingAverage | None = None
+        self.cancel = cancel or CancelToken(self.output_dir)
+        self._snapshots = first_snapshot
+
+    @property
+    def snapshots_published(self) -> int:
+        """The number of the next snapshot: snapshots published by this run and the attempts before it."""
+        return self._snapshots
 
     def prepare_output(self) -> None:
+        """Create the output folder, check that it is writable and remove a stale cancel file."""
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             probe = self.output_dir / ".write-test"
@@ -117,123 +198,103 @@ class Run:
         except OSError as error:
             raise DiskError(f"Cannot write to the output folder '{self.output_dir}' ({error.strerror}). "
                             "Choose a folder you can write to, with free space.") from None
-        if self.cancel.cancel_file.exists():
-            self.cancel.cancel_file.unlink()
+        self.cancel.cancel_file.unlink(missing_ok=True)
 
-    def execute(self) -> dict:
-        """Run everything; returns the `done` (or `cancelled`) event fields."""
+    def execute(self) -> RunResult:
+        """Run everything: the initial segmentation, the refinement and the final (or partial) result."""
         self.prepare_output()
-        start = time.monotonic()
-        self.events.emit("stage", stage="initial")
-        self.package = model_package.load(self.model_ref)
-        network = self.package.build_network().to(self.device)
-        self.input_image = read_image(self.input_path)
-        labels = self.package.labels
-        write_text_atomic(json.dumps(segments_record(labels), indent=1), self.output_dir / "segments.json")
+        timer = StageTimer()
+        timer.start(protocol.STAGE_INITIAL)
+        self.events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_INITIAL)
+        case, network = self._prepare_case()
+        initial = case.predict(network, self.device)
+        self.publish_snapshot(case, initial, step=0)
+        progress = _RunProgress(self, case, timer)
+        progress.probabilities = initial
+        try:
+            self.cancel.check()
+            self._refine(case, network, initial, progress)
+        except Cancelled:
+            return self._finish(case, initial, progress, timer, partial=True)
+        return self._finish(case, initial, progress, timer, partial=False)
+
+    def _prepare_case(self) -> tuple[RunCase, torch.nn.Module]:
+        """Load the package and the image, record segments.json and settings.json, and put the image on
+        the model grid; returns the case and the network on the run's device."""
+        package = model_package.load(self.model_path)
+        network = package.build_network().to(self.device)
+        input_image = read_image(self.input_path)
+        write_text_atomic(json.dumps(segments_record(package.labels), indent=1), self.output_dir / protocol.SEGMENTS_FILE)
         write_text_atomic(json.dumps(settings_record(
             self.settings, seed=self.seed, device=str(self.device), input=str(self.input_path),
-            model={"path": str(self.package.root), "name": self.package.config["name"],
-                   "version": self.package.config.get("version")}), indent=1), self.output_dir / "settings.json")
+            model={"path": str(package.root), "name": package.config["name"], "version": package.config.get("version")},
+            largest_component=self.largest_component), indent=1), self.output_dir / protocol.SETTINGS_FILE)
+        return RunCase(package, input_image, package.network_kind.prepare(input_image)), network
 
-        kind = self.package.network_kind
-        self.prepared = kind.prepare(self.input_image)
-        self.model_image, target = self.prepared.model_image, self.prepared.tensor
-        patch = kind.patch_zyx
-        initial = predict_probabilities(kind, network, target, self.device)
-        self.average = MovingAverage(initial, self.settings.momentum, self.settings.moving_average)
-        self.initial_probabilities = initial
-        self.publish_snapshot(step=0)
-        self.seconds["initial"] = time.monotonic() - start
-        try:
-            self.cancel.check()
-            self.run_refinement(network, target, patch)
-        except Cancelled:
-            return self.finish(partial=True)
-        return self.finish(partial=False)
-
-    def run_refinement(self, network, target, patch) -> None:
-        settings = self.settings
-        atlas_images, atlas_labels = atlas_arrays(self.package)
-        clock = RunClock(settings.rounds * ALIGN_ROUND_UNITS + settings.steps)
-        total_units = clock.total_units
-        stage_started = {"t": time.monotonic(), "stage": None}
-
-        def on_stage(stage, **info):
-            self._close_stage(stage_started)
-            stage_started.update(t=time.monotonic(), stage=stage)
-            self.events.emit("stage", stage=stage, **info)
-
-        def on_align_iteration(done, total):
-            self.cancel.check()
-            clock.advance(ALIGN_ROUND_UNITS / total)
-            if done % 10 == 0 or done == total:
-                self.events.emit("progress", stage="align", step=done, total=total, loss=None,
-                                 eta_s=clock.seconds_left(), done_fraction=clock.done_units / total_units)
-
-        def on_aligned(aligned, round_index):
-            self.alignment_quality.append({
-                "round": round_index, "dice_to_mask": [round(float(d), 4) for d in aligned.dice],
-                "folding_fraction": [float(f) for f in aligned.folding]})
-
-        def on_step(step, loss):
-            clock.advance(1)
-            self.events.emit("progress", stage="refine", step=step, total=settings.steps, loss=round(loss, 5),
-                             eta_s=clock.seconds_left(), done_fraction=clock.done_units / total_units)
-
-        def on_update(step, average):
-            self.publish_snapshot(step=step)
-
-        seed_generator = np.random.default_rng(self.seed)
+    def _refine(self, case: RunCase, network: torch.nn.Module, initial: torch.Tensor,
+                progress: _RunProgress) -> None:
+        atlas_images, atlas_labels = atlas_arrays(case.package)
         torch.manual_seed(self.seed)
-        def predict(tuned):
-            return predict_probabilities(self.package.network_kind, tuned, target, self.device)
+        refine(network, case.target, initial, atlas_images, atlas_labels, case.patch, self.settings, self.device,
+               lambda tuned: case.predict(tuned, self.device), np.random.default_rng(self.seed), progress)
 
-        try:
-            refine(network, target, self.average, atlas_images, atlas_labels, patch, settings, self.device, predict,
-                   seed_generator, check_cancel=self.cancel.check, on_stage=on_stage,
-                   on_align_iteration=on_align_iteration, on_aligned=on_aligned, on_step=on_step, on_update=on_update)
-        finally:
-            self._close_stage(stage_started)
+    def _labelmap(self, case: RunCase, probabilities: torch.Tensor) -> sitk.Image:
+        on_input = case.package.network_kind.probabilities_on_input(probabilities[0].numpy(), case.prepared,
+                                                                    case.input_image)
+        return labelmap_on_grid(on_input, case.input_image, case.package.labels, self.largest_component)
 
-    def _close_stage(self, stage_started: dict) -> None:
-        if stage_started["stage"]:
-            name = stage_started["stage"]
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - stage_started["t"]
-            stage_started["stage"] = None
+    def publish_snapshot(self, case: RunCase, probabilities: torch.Tensor, step: int) -> None:
+        """Write the mask of `probabilities` (1, C, z, y, x) as the next snapshot and announce it."""
+        path = self.output_dir / protocol.SNAPSHOT_PATTERN.format(index=self._snapshots)
+        write_image_atomic(self._labelmap(case, probabilities), path)
+        self.events.emit(protocol.EVENT_SNAPSHOT, index=self._snapshots, path=str(path), step=step)
+        self._snapshots += 1
 
-    def labelmap_on_input_grid(self) -> sitk.Image:
-        probabilities = self.package.network_kind.probabilities_on_input(
-            self.average.value[0].numpy(), self.prepared, self.input_image)
-        return labelmap_on_grid(probabilities, self.input_image, self.package.labels, self.largest_component)
-
-    def publish_snapshot(self, step: int) -> None:
-        path = self.output_dir / f"snapshot_{self.snapshot_index:04d}.nrrd"
-        write_image_atomic(self.labelmap_on_input_grid(), path)
-        self.events.emit("snapshot", index=self.snapshot_index, path=str(path), step=step)
-        self.snapshot_index += 1
-
-    def finish(self, partial: bool) -> dict:
-        """Write the final (or partial) labelmap, probabilities and report."""
-        start = time.monotonic()
-        self.events.emit("stage", stage="finalize", partial=partial)
-        labelmap_path = write_image_atomic(self.labelmap_on_input_grid(), self.output_dir / "labelmap.nrrd")
-        probabilities = np.round(self.average.value[0].numpy() * 255).astype(np.uint8)
+    def _finish(self, case: RunCase, initial: torch.Tensor, progress: _RunProgress, timer: StageTimer,
+                partial: bool) -> RunResult:
+        """Write the final (or partial) labelmap, probabilities and, last, report.json."""
+        timer.start(protocol.STAGE_FINALIZE)
+        self.events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_FINALIZE, partial=partial)
+        labelmap_path = write_image_atomic(self._labelmap(case, progress.probabilities),
+                                           self.output_dir / protocol.LABELMAP_FILE)
+        probabilities = np.round(progress.probabilities[0].numpy() * 255).astype(np.uint8)
         probability_image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1), isVector=True)
-        probability_image.CopyInformation(self.model_image)
-        probabilities_path = write_image_atomic(probability_image, self.output_dir / "probabilities.nrrd")
-        self.seconds["finalize"] = time.monotonic() - start
+        probability_image.CopyInformation(case.prepared.model_image)
+        probabilities_path = write_image_atomic(probability_image, self.output_dir / protocol.PROBABILITIES_FILE)
+        timer.stop()
         report = {
             "partial": partial,
-            "seconds": {k: round(v, 2) for k, v in self.seconds.items()},
-            "snapshots": self.snapshot_index,
-            "moving_average_updates": self.average.updates,
-            "alignment": self.alignment_quality,
-            "labels": [label["name"] for label in self.package.labels],
+            "seconds": timer.rounded(),
+            "snapshots": self._snapshots,
+            "moving_average_updates": progress.updates,
+            "alignment": progress.alignment_quality,
+            "labels": [label["name"] for label in case.package.labels],
             "device": str(self.device),
         }
-        report_path = write_text_atomic(json.dumps(report, indent=1), self.output_dir / "report.json")
-        fields = {"labelmap": str(labelmap_path), "probabilities": str(probabilities_path),
-                  "report": str(report_path), "partial": partial}
-        self.events.emit("cancelled" if partial else "done", **fields)
-        return fields
+        report_path = write_text_atomic(json.dumps(report, indent=1), self.output_dir / protocol.REPORT_FILE)
+        result = RunResult(labelmap_path, probabilities_path, report_path, partial, self._snapshots, initial, case)
+        self.events.emit(protocol.EVENT_CANCELLED if partial else protocol.EVENT_DONE, **result.event_fields())
+        return result
 
+
+def refine_with_fallback(input_path, model_path, output_dir, settings: RefineSettings, events: EventWriter,
+                         device: torch.device, seed: int, largest_component: bool = True,
+                         cancel: CancelToken | None = None,
+                         attempts: list[Attempt] | None = None) -> RunResult:
+    """A Run that, on GPU out-of-memory, starts over with lighter settings, then on the CPU (by default
+    the attempts of `device.memory_fallback_attempts`), after a `warning` event that says why. Snapshot
+    numbering continues over the attempts. Raises errors.OutOfMemoryError when every attempt failed."""
+    cancel = cancel or CancelToken(Path(output_dir))
+    published = 0
+
+    def attempt(try_: Attempt) -> RunResult:
+        nonlocal published
+        run = Run(input_path, model_path, output_dir, settings.lighter() if try_.lighter else settings, events,
+                  try_.device, seed, largest_component, cancel, first_snapshot=published)
+        try:
+            return run.execute()
+        finally:
+            published = run.snapshots_published
+
+    return with_memory_fallback(attempt, attempts or memory_fallback_attempts(device),
+                                lambda message: events.emit(protocol.EVENT_WARNING, message=message))

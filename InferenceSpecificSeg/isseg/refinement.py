@@ -1,9 +1,10 @@
 """Inference-specific refinement: fine-tune the network on atlas cases aligned to this case.
 
-Each of 1 to 3 rounds aligns the atlas to the current mask, then fine-tunes a copy of the
-network on the aligned cases. Every `update_every` steps the network re-predicts the case and the
-mask becomes the moving average P = m P + (1 - m) P_t of those predictions (Chen et al., Med Phys
-2025), which smooths out the step-to-step noise of fine-tuning and drives the next round.
+One copy of the network is fine-tuned through 1 to 3 rounds; each round first aligns the atlas to
+the current mask, then continues fine-tuning that copy on the aligned cases. Every `update_every`
+steps the network re-predicts the case and the mask becomes the moving average
+P = m P + (1 - m) P_t of those predictions (Chen et al., Med Phys 2025), which smooths out the
+step-to-step noise of fine-tuning and drives the next round.
 
 Tensors are (batch, channel, z, y, x) on the model grid, images normalized to [0, 1].
 """
@@ -17,25 +18,33 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import protocol
 from .alignment import AlignedAtlas, AlignmentSettings, align_atlas
 from .losses import segmentation_loss
-from .training import StepSettings, train_step
+from .optimisation import PatchSettings, train_step
 
 
 @dataclass
 class RefineSettings:
     """Settings of one refinement run (recorded in settings.json of the output folder)."""
 
-    steps: int = 160
-    rounds: int = 2
-    update_every: int = 20
-    momentum: float = 0.8
+    steps: int = protocol.DEFAULT_STEPS
+    rounds: int = protocol.DEFAULT_ROUNDS
+    update_every: int = protocol.DEFAULT_UPDATE_EVERY
+    momentum: float = protocol.DEFAULT_MOMENTUM
     moving_average: bool = True
     learning_rate: float = 3e-4
-    loss: str = "dicece"
+    loss: str = protocol.DEFAULT_LOSS
     match_intensity: bool = True
-    step: StepSettings = field(default_factory=StepSettings)
+    patches: PatchSettings = field(default_factory=PatchSettings)
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
+
+    def lighter(self) -> RefineSettings:
+        """A copy that needs less memory: one atlas case aligned and one patch trained at a time."""
+        settings = copy.deepcopy(self)
+        settings.alignment.batch_size = 1
+        settings.patches.batch_size = 1
+        return settings
 
 
 class MovingAverage:
@@ -51,6 +60,40 @@ class MovingAverage:
         self.value = self.momentum * self.value + (1 - self.momentum) * prediction
         self.updates += 1
         return self.value
+
+
+class RefineObserver:
+    """What `refine` tells its caller while it works; every method does nothing unless overridden.
+
+    Any method may raise (e.g. errors.Cancelled) to stop the refinement there."""
+
+    def stage(self, stage: str, round_index: int) -> None:
+        """A round's alignment (protocol.STAGE_ALIGN) or fine-tuning (protocol.STAGE_REFINE) starts."""
+
+    def align_iteration(self, done: int, total: int) -> None:
+        """Before each alignment iteration of the round: `done` of `total`, counted from 1."""
+
+    def aligned(self, atlas: AlignedAtlas, round_index: int) -> None:
+        """The atlas of this round is aligned (atlas.dice, atlas.folding tell how well)."""
+
+    def before_step(self, step: int) -> None:
+        """Before fine-tuning step `step` (counted from 1 over all rounds), e.g. to stop on a cancel request."""
+
+    def step(self, step: int, loss: float) -> None:
+        """A fine-tuning step (counted from 1 over all rounds) is done, with its loss."""
+
+    def updated(self, step: int, probabilities: torch.Tensor, updates: int) -> None:
+        """The moving average (1, C, z, y, x) was updated after `step`; `updates` so far."""
+
+
+@dataclass
+class RefineResult:
+    """The final moving-average probabilities (1, C, z, y, x), how many updates made them, and the
+    fine-tuned copy of the network."""
+
+    probabilities: torch.Tensor
+    updates: int
+    network: torch.nn.Module
 
 
 def match_atlas_intensities(images: torch.Tensor, labels: torch.Tensor, target_image: torch.Tensor,
@@ -80,53 +123,48 @@ def match_atlas_intensities(images: torch.Tensor, labels: torch.Tensor, target_i
     return result
 
 
-Callback = Callable[..., None]
+def steps_per_round(settings: RefineSettings) -> list[int]:
+    """The fine-tuning steps of each round: `settings.steps` spread as evenly as possible."""
+    return np.diff(np.linspace(0, settings.steps, settings.rounds + 1).round().astype(int)).tolist()
 
 
-def refine(network: torch.nn.Module, target_image: torch.Tensor, average: MovingAverage,
+def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabilities: torch.Tensor,
            atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], patch_zyx, settings: RefineSettings,
-           device: torch.device, predict: Callable[[torch.nn.Module], torch.Tensor], rng: np.random.Generator, *,
-           check_cancel: Callable[[], None] = lambda: None,
-           on_stage: Callback = lambda stage, **info: None,
-           on_align_iteration: Callback = lambda done, total: None,
-           on_aligned: Callback = lambda aligned, round_index: None,
-           on_step: Callback = lambda step, loss: None,
-           on_update: Callback = lambda step, average: None) -> torch.nn.Module:
-    """Run the alignment rounds and fine-tuning; the moving average is updated in place in `average`.
-
-    `check_cancel` is called before every step (it raises to stop), `on_align_iteration` before every
-    alignment iteration (it should call check_cancel too).
+           device: torch.device, predict: Callable[[torch.nn.Module], torch.Tensor], rng: np.random.Generator,
+           observer: RefineObserver | None = None) -> RefineResult:
+    """Run the alignment rounds and fine-tuning, starting from the initial probabilities.
 
     network: the pretrained network (left unchanged: a copy is fine-tuned). target_image (1, 1, z, y, x);
-    `predict(network)` gives the network's probabilities (1, C, z, y, x) of the target, as its own
-    predictor computes them (isseg.networks.predict_probabilities);
-    atlas images (normalized) and labels: per case (z, y, x) arrays at the model spacing.
-    Returns the fine-tuned copy.
+    initial_probabilities (1, C, z, y, x); atlas images (normalized) and labels: per case (z, y, x)
+    arrays at the model spacing; patch_zyx: the network's patch (voxels); `predict(network)` gives the
+    network's probabilities (1, C, z, y, x) of the target, as its own predictor computes them
+    (isseg.networks.predict_probabilities). `observer` hears of every
+    stage, iteration, step and update and may raise to stop.
     """
+    observer = observer or RefineObserver()
     tuned = copy.deepcopy(network).to(device)
     optimizer = torch.optim.Adam(tuned.parameters(), lr=settings.learning_rate)
     loss_function = segmentation_loss(settings.loss)
-    steps_per_round = np.diff(np.linspace(0, settings.steps, settings.rounds + 1).round().astype(int))
+    average = MovingAverage(initial_probabilities, settings.momentum, settings.moving_average)
     step = 0
     transforms = None  # a later round refines the previous round's transforms (warm start)
-    for round_index, round_steps in enumerate(steps_per_round, start=1):
-        on_stage("align", round=round_index)
-        aligned: AlignedAtlas = align_atlas(atlas_images, atlas_labels, target_image, average.value,
-                                            settings.alignment, device, on_align_iteration, start=transforms)
+    for round_index, round_steps in enumerate(steps_per_round(settings), start=1):
+        observer.stage(protocol.STAGE_ALIGN, round_index)
+        aligned = align_atlas(atlas_images, atlas_labels, target_image, average.value, settings.alignment, device,
+                              observer.align_iteration, start=transforms)
         transforms = aligned.transforms
-        on_aligned(aligned, round_index)
+        observer.aligned(aligned, round_index)
         training_images = aligned.images
         if settings.match_intensity:
             training_images = match_atlas_intensities(aligned.images, aligned.labels, target_image, average.value)
-        on_stage("refine", round=round_index)
-        for _ in range(int(round_steps)):
-            check_cancel()
+        observer.stage(protocol.STAGE_REFINE, round_index)
+        for _ in range(round_steps):
+            observer.before_step(step + 1)
             loss = train_step(tuned, optimizer, loss_function, training_images, aligned.labels, patch_zyx, rng,
-                              settings.step, device)
+                              settings.patches, device)
             step += 1
-            on_step(step, loss)
+            observer.step(step, loss)
             if step % settings.update_every == 0 or step == settings.steps:
-                prediction = predict(tuned)
-                average.update(prediction)
-                on_update(step, average.value)
-    return tuned
+                average.update(predict(tuned))
+                observer.updated(step, average.value, average.updates)
+    return RefineResult(average.value, average.updates, tuned)

@@ -1,4 +1,5 @@
-"""`isseg train`: build a model package from labelled cases in the Medical Segmentation Decathlon layout.
+"""Training a network from scratch into a model package (the engine of `isseg train`), from labelled
+cases in the Medical Segmentation Decathlon layout (isseg.datasets):
 
     DATASET/dataset.json   {"labels": {"0": "background", "1": "liver", ...}, "training": [{"image": ..., "label": ...}]}
     DATASET/imagesTr/*.nii.gz, DATASET/labelsTr/*.nii.gz
@@ -21,18 +22,19 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import model_package
+from . import model_package, protocol
+from .appearance import AppearanceRandomizer
+from .datasets import read_labelled_case, read_msd_dataset
+from .device import resolve_device
 from .errors import BadInputError
 from .events import EventWriter, RunClock
 from .inference import predict_probabilities
+from .io import resample_to
 from .losses import segmentation_loss
 from .metrics import dice_per_label
-from .pipeline import resolve_device
-from .io import read_image, resample_to
+from .optimisation import PatchSettings, train_step
 from .preprocess import image_tensor, to_model_grid, zyx
 from .terminology import describe_label
-from .training import StepSettings, train_step
-from .appearance import AppearanceRandomizer
 
 THRESHOLD_CANDIDATES = np.round(np.arange(0.05, 0.96, 0.05), 2)
 THRESHOLD_MIN_GAIN = 0.01
@@ -49,12 +51,12 @@ class TrainSettings:
     channels: tuple[int, ...] = (16, 32, 64, 128)
     steps: int = 1500
     learning_rate: float = 1e-3
-    loss: str = "dicece"
+    loss: str = protocol.DEFAULT_LOSS
     validation_fraction: float = 0.2
     evaluate_every: int = 100
     seed: int = 0
     randomize_appearance: bool = False
-    step: StepSettings = field(default_factory=lambda: StepSettings(intensity_scale=0.05, intensity_shift=0.02))
+    patches: PatchSettings = field(default_factory=lambda: PatchSettings(intensity_scale=0.05, intensity_shift=0.02))
 
 
 @dataclass
@@ -64,48 +66,10 @@ class LabelledCase:
     labels: sitk.Image
 
 
-def read_msd_dataset(folder: Path) -> tuple[list[tuple[str, Path, Path]], dict[int, str]]:
-    """The (case id, image path, label path) list and the label names of an MSD-layout folder.
-
-    Raises BadInputError naming the file at fault."""
-    folder = Path(folder)
-    description = folder / "dataset.json"
-    if not description.is_file():
-        raise BadInputError(f"'{description}' is missing: a dataset folder needs dataset.json, imagesTr/ and labelsTr/.")
-    try:
-        dataset = json.loads(description.read_text(encoding="utf-8"))
-        names = {int(k): v for k, v in dataset["labels"].items()}
-        entries = dataset["training"]
-    except (json.JSONDecodeError, KeyError, ValueError, AttributeError) as error:
-        raise BadInputError(f"'{description}' must be JSON with 'labels' ({{\"0\": \"background\", ...}}) and "
-                            f"'training' entries ({error}).") from None
-    cases = []
-    for entry in entries:
-        image_path, label_path = folder / entry["image"], folder / entry["label"]
-        for path in (image_path, label_path):
-            if not path.is_file():
-                raise BadInputError(f"'{path}', listed in {description}, is missing. Add it or remove its entry.")
-        case_id = Path(entry["image"]).name.split(".")[0]
-        cases.append((case_id, image_path, label_path))
-    if not cases:
-        raise BadInputError(f"'{description}' lists no training cases.")
-    return cases, names
-
-
 def load_case(case_id: str, image_path: Path, label_path: Path, names: dict[int, str], settings: TrainSettings) -> LabelledCase:
-    """Read one case, check it, and resample it to the model grid."""
-    image = read_image(image_path)
-    labels = sitk.ReadImage(str(label_path))
-    if labels.GetSize() != image.GetSize():
-        raise BadInputError(f"'{label_path}' has size {labels.GetSize()} but its image '{image_path}' has "
-                            f"{image.GetSize()}: a label map must be on the grid of its image.")
-    values = set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
-    unknown = values - set(names)
-    if unknown:
-        raise BadInputError(f"'{label_path}' holds label values {sorted(unknown)} that dataset.json does not name. "
-                            "Add them to 'labels' or fix the label map.")
+    """Read one case, check it (datasets.read_labelled_case), and resample it to the model grid."""
+    image, labels = read_labelled_case(image_path, label_path, names)
     model_image = to_model_grid(image, settings.spacing, settings.orientation)
-    labels.CopyInformation(image)
     model_labels = resample_to(sitk.Cast(labels, sitk.sitkUInt8), model_image, is_label=True)
     return LabelledCase(case_id, model_image, model_labels)
 
@@ -187,7 +151,8 @@ def train_package(dataset: Path, output: Path, settings: TrainSettings, events: 
     recent_losses = []
     started = time.monotonic()
     for step in range(start_step + 1, settings.steps + 1):
-        loss = train_step(network, optimizer, loss_function, images, label_volumes, patch, rng, settings.step, device, appearance)
+        loss = train_step(network, optimizer, loss_function, images, label_volumes, patch, rng, settings.patches, device,
+                          appearance)
         scheduler.step()
         recent_losses.append(loss)
         clock.advance(1)
@@ -259,41 +224,3 @@ def _validation_dice(network, validation: list[LabelledCase], settings: TrainSet
         prediction = predict_probabilities(network, image, zyx(settings.patch_size), device)[0].argmax(0).numpy()
         scores.append(np.nanmean(dice_per_label(prediction, sitk.GetArrayFromImage(case.labels), range(1, num_labels + 1))))
     return round(float(np.nanmean(scores)), 4)
-
-
-def register(commands) -> None:
-    defaults = TrainSettings()
-    parser = commands.add_parser("train", help="build a model package from labelled cases (MSD layout)",
-                                 description=__doc__.split("\n\n")[1] if __doc__ else None)
-    parser.add_argument("--dataset", required=True, help="folder with dataset.json, imagesTr/ and labelsTr/")
-    parser.add_argument("--output", required=True, help="package folder to write (an unfinished one is resumed)")
-    parser.add_argument("--name", help="model name shown to users")
-    parser.add_argument("--spacing", type=float, nargs=3, default=defaults.spacing, metavar=("X", "Y", "Z"),
-                        help="model voxel spacing in mm (default %(default)s)")
-    parser.add_argument("--window", type=float, nargs=2, default=defaults.intensity_window, metavar=("LOW", "HIGH"),
-                        help="HU window mapped to [0, 1] (default %(default)s)")
-    parser.add_argument("--patch", type=int, nargs=3, default=defaults.patch_size, metavar=("X", "Y", "Z"),
-                        help="patch size in voxels (default %(default)s)")
-    parser.add_argument("--channels", type=int, nargs="+", default=defaults.channels, help="UNet channels per level")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--loss", choices=("dicece", "region_tversky"), default=defaults.loss)
-    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
-    parser.add_argument("--evaluate-every", type=int, default=defaults.evaluate_every)
-    parser.add_argument("--randomize-appearance", action="store_true",
-                        help="draw each patch's appearance anew: contrast phase and random intensity per label, bias "
-                             "field, Gibbs ringing, blur, lower resolution, gamma, noise (isseg.appearance)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto")
-    parser.set_defaults(handler=command_train)
-
-
-def command_train(args) -> int:
-    settings = TrainSettings(spacing=tuple(args.spacing), intensity_window=tuple(args.window), patch_size=tuple(args.patch),
-                             channels=tuple(args.channels), steps=args.steps, learning_rate=args.learning_rate,
-                             loss=args.loss, validation_fraction=args.validation_fraction,
-                             evaluate_every=args.evaluate_every, seed=args.seed,
-                             randomize_appearance=args.randomize_appearance)
-    train_package(Path(args.dataset), Path(args.output), settings, EventWriter(mode=args.progress), args.device, args.name)
-    return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import packaging
-from .events import EventWriter
-from .protocol import EXIT_DONE
+from .. import packaging
+from ..protocol import EVENT_DONE, EVENT_PROGRESS, EVENT_STAGE, EVENT_WARNING, EXIT_DONE
+from .options import add_progress_option, events_for
 
 
 def register(commands) -> None:
@@ -31,23 +31,22 @@ def register(commands) -> None:
     parser.add_argument("--name", help="model name shown to users (default: the network's)")
     parser.add_argument("--license", help="licence of the network's weights, recorded in the package")
     parser.add_argument("--citation", help="how to cite the network, recorded in the package")
-    parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto",
-                        help="JSON lines (for programs) or a progress bar; auto picks the bar in a terminal")
+    add_progress_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    events = EventWriter(mode=args.progress)
-    events.emit("stage", stage="read_network")
+    events = events_for(args)
+    events.emit(EVENT_STAGE, stage="read_network")
     source = packaging.read_network(args.network, args.fold, args.configuration, args.orientation)
-    events.emit("stage", stage="atlas")
+    events.emit(EVENT_STAGE, stage="atlas")
     summary = packaging.build_package(
         source, args.atlas, args.output, mapping_spec=args.labels, name=args.name, license=args.license,
         citation=args.citation,
-        on_case=lambda index, total, case_id: events.emit("progress", stage="atlas", step=index + 1, total=total,
+        on_case=lambda index, total, case_id: events.emit(EVENT_PROGRESS, stage="atlas", step=index + 1, total=total,
                                                           loss=None, eta_s=None, case=case_id))
     if summary["unmapped_network_labels"]:
-        events.emit("warning", message=f"The atlas has no labels for {', '.join(summary['unmapped_network_labels'])}: "
+        events.emit(EVENT_WARNING, message=f"The atlas has no labels for {', '.join(summary['unmapped_network_labels'])}: "
                                        "they are not refined and count as background in this package.")
-    events.emit("done", package=str(args.output), **summary)
+    events.emit(EVENT_DONE, package=str(args.output), **summary)
     return EXIT_DONE

@@ -15,7 +15,10 @@ import torch.nn.functional as F
 
 
 @dataclass
-class StepSettings:
+class PatchSettings:
+    """What each optimiser step trains on: `batch_size` random patches, a `foreground_fraction` of them
+    centred on a labelled voxel, with intensity augmentation (scale, shift, noise in normalized units)."""
+
     batch_size: int = 2
     foreground_fraction: float = 0.67
     intensity_scale: float = 0.1
@@ -60,7 +63,7 @@ def sample_patches(images: torch.Tensor, labels: torch.Tensor, patch_zyx, batch_
     return torch.stack(image_patches), torch.stack(label_patches)
 
 
-def augment_intensity(patches: torch.Tensor, rng: np.random.Generator, settings: StepSettings) -> torch.Tensor:
+def augment_intensity(patches: torch.Tensor, rng: np.random.Generator, settings: PatchSettings) -> torch.Tensor:
     """Random contrast scale, brightness shift and Gaussian noise per patch (normalized units)."""
     batch = patches.shape[0]
     scale = torch.as_tensor(1 + rng.uniform(-settings.intensity_scale, settings.intensity_scale, batch), dtype=patches.dtype)
@@ -72,7 +75,7 @@ def augment_intensity(patches: torch.Tensor, rng: np.random.Generator, settings:
 
 def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: torch.nn.Module,
                images: torch.Tensor, labels: torch.Tensor, patch_zyx, rng: np.random.Generator,
-               settings: StepSettings, device: torch.device, appearance=None) -> float:
+               settings: PatchSettings, device: torch.device, appearance=None) -> float:
     """One optimiser step on a fresh batch of patches; returns the loss value. `appearance`, when
     given, is a callable (patches, labels, rng) -> patches applied after the intensity augmentation
     (isseg.appearance.AppearanceRandomizer)."""

@@ -1,0 +1,81 @@
+"""Options shared by several commands: the refinement options (`refine`, `demo`, `evaluate`), the
+`--progress` option and the resolution of `--model` and `--device`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import protocol
+from ..alignment import AlignmentSettings
+from ..demo_model import demo_package_path
+from ..events import EventWriter
+from ..refinement import RefineSettings
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--progress", choices=("auto", "json", "bar"), default="auto",
+                        help="JSON lines (for programs) or a progress bar; auto picks the bar in a terminal")
+
+
+def events_for(args: argparse.Namespace) -> EventWriter:
+    """The event writer the `--progress` option asks for (JSON lines where the command has none)."""
+    return EventWriter(mode=getattr(args, "progress", "json"))
+
+
+def add_device_and_seed_options(group) -> None:
+    group.add_argument("--device", choices=protocol.DEVICES, default=protocol.DEFAULT_DEVICE,
+                       help="where to compute; auto uses a CUDA GPU when there is one (default %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="random seed; the same seed repeats a run (default 0)")
+
+
+def add_refine_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the refinement algorithm, shared by `refine`, `demo` and `evaluate`."""
+    defaults = RefineSettings()
+    group = parser.add_argument_group("inference-specific learning")
+    group.add_argument("--steps", type=int, default=defaults.steps,
+                       help="fine-tuning steps in all (default %(default)s); more is slower and usually a little better")
+    group.add_argument("--rounds", type=int, default=defaults.rounds, choices=(1, 2, 3),
+                       help="alignment rounds; each re-aligns the atlas to the latest average mask (default %(default)s)")
+    group.add_argument("--update-every", type=int, default=defaults.update_every,
+                       help="steps between moving-average updates, each published as a snapshot (default %(default)s)")
+    group.add_argument("--momentum", type=float, default=defaults.momentum,
+                       help="moving-average factor m in P = m P + (1 - m) P_t (default %(default)s)")
+    group.add_argument("--no-moving-average", action="store_true",
+                       help="keep only the latest prediction instead of the moving average (for comparison)")
+    group.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                       help="fine-tuning learning rate (default %(default)s)")
+    group.add_argument("--loss", choices=protocol.LOSS_NAMES, default=defaults.loss,
+                       help="fine-tuning loss: Dice + cross-entropy, or adaptive region-specific Tversky + "
+                            "cross-entropy (default %(default)s)")
+    group.add_argument("--align-mode", choices=protocol.ALIGN_MODES, default=defaults.alignment.mode,
+                       help="what drives the atlas alignment: the current mask (robust to contrast), image "
+                            "similarity, or both (default %(default)s)")
+    group.add_argument("--align-iterations", type=int, default=defaults.alignment.iterations,
+                       help="alignment iterations per pyramid level in the first round (default %(default)s)")
+    group.add_argument("--no-intensity-matching", action="store_true",
+                       help="train on the atlas intensities as they are, without matching each organ's "
+                            "intensities to this case")
+    group.add_argument("--no-largest-component", action="store_true",
+                       help="keep every piece of each organ instead of the largest one")
+    add_device_and_seed_options(group)
+
+
+def refine_settings_from(args: argparse.Namespace) -> RefineSettings:
+    """The RefineSettings the options of `add_refine_options` ask for; exits with a usage message
+    (exit code 2) when a value is out of range."""
+    if not 0 <= args.momentum < 1:
+        raise SystemExit("--momentum must be at least 0 and below 1")
+    if args.steps < 1 or args.update_every < 1:
+        raise SystemExit("--steps and --update-every must be positive")
+    return RefineSettings(steps=args.steps, rounds=args.rounds, update_every=args.update_every,
+                          momentum=args.momentum, moving_average=not args.no_moving_average,
+                          learning_rate=args.learning_rate, loss=args.loss,
+                          match_intensity=not args.no_intensity_matching,
+                          alignment=AlignmentSettings(mode=args.align_mode,
+                                                      iterations=args.align_iterations))
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """The package path a `--model` option names: the built-in demo package for `demo`, else the path."""
+    return demo_package_path() if str(name_or_path) == protocol.DEMO_MODEL else Path(name_or_path)
