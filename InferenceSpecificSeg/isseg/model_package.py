@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.networks import nets
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -149,21 +148,6 @@ def _unique_tensors(state: dict) -> dict:
     """The state without the second and later names of a shared tensor (safetensors stores each once)."""
     aliases = _aliases(state)
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
-
-
-def build_network(network_config: dict) -> torch.nn.Module:
-    """Instantiate `monai.networks.nets.<name>(**args)` from {"name": ..., "args": {...}}."""
-    name = network_config.get("name", "")
-    network_class = getattr(nets, name, None)
-    if not (isinstance(network_class, type) and issubclass(network_class, torch.nn.Module)):
-        raise BadModelError(
-            f"model.json names the network '{name}', which is not a MONAI network (monai.networks.nets). "
-            "Use e.g. 'UNet' or 'DynUNet'."
-        )
-    try:
-        return network_class(**network_config.get("args", {}))
-    except (TypeError, ValueError, AssertionError) as error:
-        raise BadModelError(f"model.json gives arguments that MONAI's {name} does not accept: {error}.") from None
 
 
 def sha256(path: Path) -> str:

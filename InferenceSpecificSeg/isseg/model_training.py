@@ -32,6 +32,7 @@ from .inference import predict_probabilities
 from .io import resample_to
 from .losses import segmentation_loss
 from .metrics import dice_per_label
+from .networks.monai_net import build_monai_network
 from .optimisation import PatchSettings, train_step
 from .preprocess import image_tensor, to_model_grid, zyx
 from .terminology import describe_label
@@ -122,7 +123,7 @@ def train_package(dataset: Path, output: Path, settings: TrainSettings, events: 
     network_config = {"name": "UNet", "args": {
         "spatial_dims": 3, "in_channels": 1, "out_channels": len(labels) + 1, "channels": list(settings.channels),
         "strides": [2] * (len(settings.channels) - 1), "num_res_units": 1, "norm": "INSTANCE"}}
-    network = model_package.build_network(network_config).to(device)
+    network = build_monai_network(network_config).to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps, eta_min=settings.learning_rate * 0.05)
     loss_function = segmentation_loss(settings.loss)

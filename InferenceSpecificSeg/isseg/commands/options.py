@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .. import protocol
@@ -61,13 +62,19 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     add_device_and_seed_options(group)
 
 
+def usage_error(message: str) -> None:
+    """Stop as argparse does for a wrong argument: the message on stderr and exit code 2 (EXIT_USAGE)."""
+    sys.stderr.write(f"isseg: error: {message}\n")
+    raise SystemExit(protocol.EXIT_USAGE)
+
+
 def refine_settings_from(args: argparse.Namespace) -> RefineSettings:
     """The RefineSettings the options of `add_refine_options` ask for; exits with a usage message
     (exit code 2) when a value is out of range."""
     if not 0 <= args.momentum < 1:
-        raise SystemExit("--momentum must be at least 0 and below 1")
+        usage_error("--momentum must be at least 0 and below 1")
     if args.steps < 1 or args.update_every < 1:
-        raise SystemExit("--steps and --update-every must be positive")
+        usage_error("--steps and --update-every must be positive")
     return RefineSettings(steps=args.steps, rounds=args.rounds, update_every=args.update_every,
                           momentum=args.momentum, moving_average=not args.no_moving_average,
                           learning_rate=args.learning_rate, loss=args.loss,

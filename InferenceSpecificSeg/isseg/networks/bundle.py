@@ -24,7 +24,8 @@ import torch
 
 from ..errors import BadModelError
 from ..postprocess import resample_probabilities
-from . import KIND_BUNDLE, NetworkKind, PreparedCase, require_extra
+from .base import KIND_BUNDLE, NetworkKind, PreparedCase, require_extra
+from .monai_net import build_monai_network
 
 EXTRA = "bundle"
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
@@ -155,9 +156,7 @@ class BundleNetwork(NetworkKind):
         return tuple(int(s) for s in self.network_config["inferer"]["roi_size"])
 
     def build(self) -> torch.nn.Module:
-        from ..model_package import build_network
-
-        return build_network(self.network_config["network"])
+        return build_monai_network(self.network_config["network"])
 
     def _compose(self, names: set[str]):
         steps = [getattr(self.transforms, t["name"])(**t["args"]) for t in self.network_config["preprocessing"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.networks import nets
 
+from ..errors import BadModelError
 from ..inference import predict_logits
 from ..postprocess import resample_probabilities
 from ..preprocess import image_tensor, normalize, to_model_grid, zyx
-from . import NetworkKind, PreparedCase
+from .base import NetworkKind, PreparedCase
 
 
 class MonaiNetwork(NetworkKind):
@@ -26,9 +28,7 @@ class MonaiNetwork(NetworkKind):
         return zyx(self.config["patch_size"])
 
     def build(self) -> torch.nn.Module:
-        from ..model_package import build_network
-
-        return build_network(self.network_config)
+        return build_monai_network(self.network_config)
 
     def prepare(self, image: sitk.Image) -> PreparedCase:
         model_image = to_model_grid(image, self.config["input"]["spacing"],
@@ -43,3 +43,18 @@ class MonaiNetwork(NetworkKind):
 
     def probabilities_on_input(self, probabilities, prepared, input_image) -> np.ndarray:
         return resample_probabilities(probabilities, prepared.model_image, input_image)
+
+
+def build_monai_network(network_config: dict) -> torch.nn.Module:
+    """Instantiate `monai.networks.nets.<name>(**args)` from {"name": ..., "args": {...}}."""
+    name = network_config.get("name", "")
+    network_class = getattr(nets, name, None)
+    if not (isinstance(network_class, type) and issubclass(network_class, torch.nn.Module)):
+        raise BadModelError(
+            f"model.json names the network '{name}', which is not a MONAI network (monai.networks.nets). "
+            "Use e.g. 'UNet' or 'DynUNet'."
+        )
+    try:
+        return network_class(**network_config.get("args", {}))
+    except (TypeError, ValueError, AssertionError) as error:
+        raise BadModelError(f"model.json gives arguments that MONAI's {name} does not accept: {error}.") from None

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import BadModelError
-from . import KIND_NNUNET, NetworkKind, PreparedCase, require_extra
+from .base import KIND_NNUNET, NetworkKind, PreparedCase, require_extra
 
 EXTRA = "nnunet"
 ARCHITECTURE_PREFIX = "dynamic_network_architectures.architectures."
