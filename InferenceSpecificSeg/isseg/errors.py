@@ -34,6 +34,13 @@ class DiskError(IssegError):
     kind = "disk"
 
 
+class OutputFolderError(IssegError):
+    """The output folder is in use by another run, or holds an earlier run's results (without --overwrite)."""
+
+    exit_code = EXIT_DISK
+    kind = "output_folder"
+
+
 class Cancelled(Exception):
     """Raised inside the pipeline when the user asked to stop; not an error (the run ends with its
     partial result and protocol.EXIT_CANCELLED)."""

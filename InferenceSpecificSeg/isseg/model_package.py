@@ -10,11 +10,9 @@ A package is a folder (or a .zip of one) with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import BadModelError
+from . import archive, package_checks
+from .errors import BadModelError, DiskError
 from .networks import KIND_MONAI, NetworkKind, OutputClasses, kind_for
 from .protocol import ATLAS_MANIFEST, MODEL_FILE, WEIGHTS_FILE
 
@@ -41,7 +40,12 @@ class AtlasCase:
     label_path: Path
 
     def read(self) -> tuple[sitk.Image, sitk.Image]:
-        return sitk.ReadImage(str(self.image_path), sitk.sitkFloat32), sitk.ReadImage(str(self.label_path), sitk.sitkUInt8)
+        try:
+            return (sitk.ReadImage(str(self.image_path), sitk.sitkFloat32),
+                    sitk.ReadImage(str(self.label_path), sitk.sitkUInt8))
+        except RuntimeError as error:
+            raise BadModelError(f"Atlas case '{self.case_id}' cannot be read ({str(error).strip().splitlines()[-1]}). "
+                                "The package is damaged: copy it again or rebuild it.") from None
 
 
 @dataclass
@@ -150,12 +154,7 @@ def _unique_tensors(state: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in aliases}
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256 = archive.sha256_file
 
 
 def load(path: str | Path, *, check_atlas: bool = True) -> ModelPackage:
@@ -177,8 +176,10 @@ def load(path: str | Path, *, check_atlas: bool = True) -> ModelPackage:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadModelError(f"{config_path} is not valid JSON ({error}). The package is damaged: copy it again.") from None
+    if not isinstance(config, dict):
+        raise BadModelError(f"{config_path} does not hold a JSON object. The package is damaged: copy it again.")
     _validate_config(config, config_path)
-    weights_path = root / config.get("weights", WEIGHTS_FILE)
+    weights_path = package_checks.confined_path(root, config.get("weights", WEIGHTS_FILE), "weights", config_path)
     if not weights_path.is_file():
         raise BadModelError(f"The weights file '{weights_path}' is missing. Copy the complete package folder.")
     package = ModelPackage(root=root, config=config)
@@ -197,12 +198,8 @@ def _validate_config(config: dict, config_path: Path) -> None:
     for key in ("name", "network", "input", "patch_size", "labels"):
         if key not in config:
             raise BadModelError(f"{config_path} lacks the required entry '{key}'. Rebuild the package with `isseg train`.")
+    package_checks.check_config(config, config_path)
     labels = config["labels"]
-    values = [label.get("value") for label in labels]
-    if not labels or sorted(values) != list(range(1, len(labels) + 1)):
-        raise BadModelError(
-            f"{config_path}: label values must be 1..N without gaps (got {values}). Fix the labels list."
-        )
     if "output_classes" in config["network"] or config["network"].get("kind", KIND_MONAI) != KIND_MONAI:
         _validate_output_classes(config, config_path)
         return
@@ -228,7 +225,8 @@ def _validate_output_classes(config: dict, config_path: Path) -> None:
 
 
 def _load_atlas(root: Path, config: dict) -> list[AtlasCase]:
-    manifest_path = root / config.get("atlas", ATLAS_MANIFEST)
+    manifest_path = package_checks.confined_path(root, config.get("atlas", ATLAS_MANIFEST), "atlas manifest",
+                                                 root / MODEL_FILE)
     if not manifest_path.is_file():
         raise BadModelError(
             f"The atlas manifest '{manifest_path}' is missing: inference-specific learning needs the training "
@@ -240,56 +238,66 @@ def _load_atlas(root: Path, config: dict) -> list[AtlasCase]:
         raise BadModelError(f"The atlas manifest '{manifest_path}' is not valid JSON ({error}). "
                             "The package is damaged: copy it again.") from None
     label_values = {0} | {label["value"] for label in config["labels"]}
-    cases = []
-    for entry in manifest.get("cases", []):
-        files = {}
-        for role in ("image", "label"):
-            file_path = manifest_path.parent / entry[role]
-            if not file_path.is_file():
-                raise BadModelError(f"Atlas file '{file_path}' is missing. Copy the complete package.")
-            if sha256(file_path) != entry["sha256"][role]:
-                raise BadModelError(
-                    f"Atlas file '{file_path}' does not match its checksum in {manifest_path}: it was changed or "
-                    "damaged. Copy the package again."
-                )
-            files[role] = file_path
-        extra = set(entry.get("label_values", [])) - label_values
-        if extra:
-            raise BadModelError(
-                f"Atlas case '{entry['id']}' has label values {sorted(extra)} that model.json does not list: "
-                "the atlas and the model disagree. Rebuild the package."
-            )
-        cases.append(AtlasCase(entry["id"], files["image"], files["label"]))
+    entries = manifest.get("cases", []) if isinstance(manifest, dict) else None
+    if not isinstance(entries, list):
+        raise BadModelError(f"The atlas manifest '{manifest_path}' has no list of cases. Rebuild the package.")
+    cases = [_atlas_case(root, manifest_path, entry, label_values) for entry in entries]
     if not cases:
         raise BadModelError(f"The atlas manifest '{manifest_path}' lists no cases. Rebuild the package with atlas cases.")
     return cases
 
 
+def _atlas_case(root: Path, manifest_path: Path, entry, label_values: set[int]) -> AtlasCase:
+    """One manifest entry, checked: keys present, files inside the package and matching their checksums,
+    the image's header readable and the labels (read in full) only values that model.json lists."""
+    try:
+        case_id, checksums = str(entry["id"]), entry["sha256"]
+        paths = {role: package_checks.confined_path(root, entry[role], f"atlas {role}", manifest_path,
+                                                    base=manifest_path.parent) for role in ("image", "label")}
+    except (KeyError, TypeError):
+        raise BadModelError(f"The atlas manifest '{manifest_path}' has an entry without id, image, label or sha256: "
+                            f"{str(entry)[:200]}. Rebuild the package.") from None
+    for role, file_path in paths.items():
+        if not file_path.is_file():
+            raise BadModelError(f"Atlas file '{file_path}' is missing. Copy the complete package.")
+        if not isinstance(checksums, dict) or sha256(file_path) != checksums.get(role):
+            raise BadModelError(
+                f"Atlas file '{file_path}' does not match its checksum in {manifest_path}: it was changed or "
+                "damaged. Copy the package again."
+            )
+    case = AtlasCase(case_id, paths["image"], paths["label"])
+    image, labels = case.read()
+    if image.GetDimension() != 3 or image.GetSize() != labels.GetSize():
+        raise BadModelError(f"Atlas case '{case_id}': the image ({image.GetSize()}) and the labels ({labels.GetSize()}) "
+                            "must be 3D volumes of the same size. Rebuild the package.")
+    extra = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))} - label_values
+    if extra:
+        raise BadModelError(
+            f"Atlas case '{case_id}' has label values {sorted(extra)} that model.json does not list: "
+            "the atlas and the model disagree. Rebuild the package."
+        )
+    return case
+
+
 def _extract_zip(zip_path: Path) -> Path:
-    """Unpack a zipped package once into a cache folder keyed by its checksum; returns the package root."""
+    """The root of a zipped package, unpacked (once, verified on every use) into the cache."""
     if not zipfile.is_zipfile(zip_path):
         raise BadModelError(f"'{zip_path}' is neither a package folder nor a .zip file. Pick the package folder or its .zip.")
-    target = cache_dir() / "packages" / sha256(zip_path)[:16]
-    if not target.exists():
-        staging = Path(tempfile.mkdtemp(dir=_mkdir(target.parent)))
-        with zipfile.ZipFile(zip_path) as archive:
-            for member in archive.namelist():
-                if member.startswith("/") or ".." in Path(member).parts:
-                    raise BadModelError(f"'{zip_path}' holds an unsafe path '{member}'; it will not be unpacked.")
-            archive.extractall(staging)
-        staging.rename(target)
-    configs = sorted(target.rglob(MODEL_FILE), key=lambda p: len(p.parts))
-    return configs[0].parent if configs else target
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    try:
+        entry = archive.unpack_cached(zip_path, cache_dir() / "packages")
+    except archive.ArchiveSpaceError as error:
+        raise DiskError(str(error)) from None
+    except archive.ArchiveError as error:
+        raise BadModelError(f"{error} Use a package made by `isseg train` or `isseg package`.") from None
+    return archive.shallowest_folder_with(entry, MODEL_FILE)
 
 
 def cache_dir() -> Path:
-    """Where unpacked packages and the generated demo atlas live ($ISSEG_CACHE or ~/.cache/isseg)."""
-    return _mkdir(Path(os.environ.get("ISSEG_CACHE", Path.home() / ".cache" / "isseg")))
+    """Where unpacked packages and the generated demo atlas live ($ISSEG_CACHE or ~/.cache/isseg);
+    created private to the user (mode 0700, whatever the umask)."""
+    folder = Path(os.path.expanduser(os.environ.get("ISSEG_CACHE", Path.home() / ".cache" / "isseg")))
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
 
 
 def write_atlas(atlas_dir: Path, cases: list[tuple[str, sitk.Image, sitk.Image]]) -> Path:

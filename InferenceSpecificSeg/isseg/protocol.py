@@ -40,6 +40,13 @@ REPORT_FILE = "report.json"
 LABELMAP_FILE = "labelmap.nrrd"
 PROBABILITIES_FILE = "probabilities.nrrd"
 SNAPSHOT_PATTERN = "snapshot_{index:04d}.nrrd"
+LOCK_FILE = ".isseg-run.lock"  # held by the run that owns the folder (advisory lock)
+# Every file a run writes into its output folder, and the temporary names they are written under
+# (".<stem>.XXXX"): what `--overwrite` removes and what makes a folder "hold an earlier run".
+# A new result file must be added here.
+RESULT_FILES = (REPORT_FILE, LABELMAP_FILE, PROBABILITIES_FILE, SEGMENTS_FILE, SETTINGS_FILE)
+RUN_FILE_PATTERNS = (*RESULT_FILES, *(f".{name.split('.')[0]}.*" for name in RESULT_FILES),
+                     "snapshot_[0-9]*.nrrd", ".snapshot_[0-9]*")
 
 # Files of a model package.
 DEMO_MODEL = "demo"

@@ -7,6 +7,7 @@ import SimpleITK as sitk
 import torch
 from monai.networks import nets
 
+from ..package_checks import check_offline
 from ..errors import BadModelError
 from ..inference import predict_logits
 from ..postprocess import resample_probabilities
@@ -54,6 +55,7 @@ def build_monai_network(network_config: dict) -> torch.nn.Module:
             f"model.json names the network '{name}', which is not a MONAI network (monai.networks.nets). "
             "Use e.g. 'UNet' or 'DynUNet'."
         )
+    check_offline(name, network_class, network_config.get("args", {}))
     try:
         return network_class(**network_config.get("args", {}))
     except (TypeError, ValueError, AssertionError) as error:
