@@ -179,7 +179,7 @@ def registration_baseline(run: RunResult, settings: RefineSettings, device: torc
     aligned = align_atlas(atlas_images, atlas_labels, case.target, run.initial_probabilities, settings.alignment, device)
     votes = torch.stack([(aligned.labels[:, 0] == value).sum(0) for value in range(case.package.num_classes)])
     majority = votes.argmax(0).numpy().astype(np.uint8)
-    return resample_to(labelmap_like(majority, case.model_image), case.input_image, is_label=True)
+    return resample_to(labelmap_like(majority, case.prepared.model_image), case.input_image, is_label=True)
 
 
 def _error_text(error: Exception) -> str:
