@@ -129,7 +129,7 @@ def test_snapshots_are_atomic_readable_and_on_the_input_grid(refined):
 
     leftovers = [p.name for p in output.iterdir() if p.name.startswith(".") or "tmp" in p.name]
     assert not leftovers, f"temporary files left behind: {leftovers}"
-    expected = {"segments.json", "settings.json", "report.json", "labelmap.nrrd", "probabilities.nrrd",
+    expected = {"segments.json", "settings.json", "report.json", "labelmap.nrrd", "probabilities.nrrd", "uncertainty.nrrd",
                 *(f"snapshot_{i:04d}.nrrd" for i in range(len(seen)))}
     assert {p.name for p in output.iterdir()} == expected
 

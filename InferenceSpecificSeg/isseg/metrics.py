@@ -34,13 +34,20 @@ def dice_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[i
 def hd95_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[int],
                    spacing_zyx: Sequence[float] | None = None) -> list[float]:
     """95th-percentile symmetric Hausdorff distance of each label; NaN where either map lacks it."""
+    return hausdorff_per_label(prediction, truth, values, spacing_zyx, percentile=95)
+
+
+def hausdorff_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[int],
+                        spacing_zyx: Sequence[float] | None = None, percentile: float | None = None) -> list[float]:
+    """Symmetric Hausdorff distance of each label (the largest surface distance, or its `percentile`);
+    NaN where either map lacks the label."""
     scores = []
     for value in values:
         p, t = _one_hot_pair(prediction, truth, value)
         if p.sum() == 0 or t.sum() == 0:
             scores.append(float("nan"))
             continue
-        distance = compute_hausdorff_distance(p, t, include_background=True, percentile=95,
+        distance = compute_hausdorff_distance(p, t, include_background=True, percentile=percentile,
                                               spacing=list(spacing_zyx) if spacing_zyx is not None else None)
         scores.append(float(distance[0, 0]))
     return scores

@@ -19,15 +19,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, model_package, protocol
+from . import __version__, changes, model_package, protocol, uncertainty
 from .alignment import AlignedAtlas
 from .device import Attempt, memory_fallback_attempts, with_memory_fallback
+from .edits import CaseTraining, UserEdits, trust
 from .errors import Cancelled, DiskError
 from .events import EventWriter, RunClock
 from .io import read_image, write_image_atomic, write_text_atomic
 from .networks import PreparedCase, predict_probabilities
 from .postprocess import labelmap_on_grid
 from .refinement import RefineObserver, RefineSettings, refine
+from .reporting import tell
 from .timing import StageTimer
 
 # An alignment round costs about as much time as this many fine-tuning steps on a CPU; only used
@@ -135,6 +137,7 @@ class _RunProgress(RefineObserver):
         self.alignment_quality: list[dict] = []
         self.probabilities: torch.Tensor | None = None
         self.updates = 0
+        self.recent = uncertainty.RecentLabels()
 
     def _progress(self, stage: str, step: int, total: int, loss: float | None) -> None:
         self.run.events.emit(protocol.EVENT_PROGRESS, stage=stage, step=step, total=total, loss=loss,
@@ -162,6 +165,9 @@ class _RunProgress(RefineObserver):
         self.clock.advance(1)
         self._progress(protocol.STAGE_REFINE, step, self.run.settings.steps, round(loss, 5))
 
+    def predicted(self, step: int, prediction: torch.Tensor) -> None:
+        self.recent.add(prediction)
+
     def updated(self, step: int, probabilities: torch.Tensor, updates: int) -> None:
         self.probabilities, self.updates = probabilities, updates
         self.run.publish_snapshot(self.case, probabilities, step)
@@ -171,17 +177,23 @@ class Run:
     """One run: segment `input_path` with the package at `model_path` and refine the result, writing
     into `output_dir`. Events go to `events`; `cancel` (by default one for `output_dir`) stops it;
     `first_snapshot` numbers the first snapshot (a retry after running out of memory continues the
-    numbering). `execute()` does the work once and returns a RunResult."""
+    numbering). With `initial_mask` (and `edited_region`, both labelmap files on the input grid) the run
+    starts from the user's edits (isseg.edits). `uncertainty_measure` names what uncertainty.nrrd shows.
+    `execute()` does the work once and returns a RunResult."""
 
     def __init__(self, input_path, model_path, output_dir, settings: RefineSettings, events: EventWriter,
                  device: torch.device, seed: int, largest_component: bool = True, cancel: CancelToken | None = None,
-                 first_snapshot: int = 0):
+                 first_snapshot: int = 0, *, initial_mask=None, edited_region=None,
+                 uncertainty_measure: str = protocol.DEFAULT_UNCERTAINTY):
         self.input_path, self.model_path = Path(input_path), Path(model_path)
         self.output_dir = Path(output_dir)
         self.settings, self.events, self.device, self.seed = settings, events, device, seed
         self.largest_component = largest_component
         self.cancel = cancel or CancelToken(self.output_dir)
         self._snapshots = first_snapshot
+        self.initial_mask, self.edited_region = initial_mask, edited_region
+        self.uncertainty_measure = uncertainty_measure
+        self.edits: UserEdits | None = None
 
     @property
     def snapshots_published(self) -> int:
@@ -207,16 +219,24 @@ class Run:
         timer.start(protocol.STAGE_INITIAL)
         self.events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_INITIAL)
         case, network = self._prepare_case()
-        initial = case.predict(network, self.device)
-        self.publish_snapshot(case, initial, step=0)
+        initial = self._initial_probabilities(case, network)
+        initial_labels = sitk.GetArrayFromImage(self.publish_snapshot(case, initial, step=0))
         progress = _RunProgress(self, case, timer)
         progress.probabilities = initial
         try:
             self.cancel.check()
             self._refine(case, network, initial, progress)
         except Cancelled:
-            return self._finish(case, initial, progress, timer, partial=True)
-        return self._finish(case, initial, progress, timer, partial=False)
+            return self._finish(case, initial, initial_labels, progress, timer, partial=True)
+        return self._finish(case, initial, initial_labels, progress, timer, partial=False)
+
+    def _initial_probabilities(self, case: RunCase, network: torch.nn.Module) -> torch.Tensor:
+        """(1, C, z, y, x) on the model grid: the user's mask with --initial-mask, else the network's."""
+        if self.initial_mask is None:
+            return case.predict(network, self.device)
+        values = [label["value"] for label in case.package.labels]
+        self.edits = UserEdits.read(self.initial_mask, self.edited_region, case.input_image, values)
+        return self.edits.probabilities(case.input_image, case.prepared.model_image, case.package.num_classes)
 
     def _prepare_case(self) -> tuple[RunCase, torch.nn.Module]:
         """Load the package and the image, record segments.json and settings.json, and put the image on
@@ -228,35 +248,62 @@ class Run:
         write_text_atomic(json.dumps(settings_record(
             self.settings, seed=self.seed, device=str(self.device), input=str(self.input_path),
             model={"path": str(package.root), "name": package.config["name"], "version": package.config.get("version")},
-            largest_component=self.largest_component), indent=1), self.output_dir / protocol.SETTINGS_FILE)
+            largest_component=self.largest_component, uncertainty=self.uncertainty_measure,
+            edits={"initial_mask": _path_text(self.initial_mask), "edited_region": _path_text(self.edited_region)}),
+            indent=1), self.output_dir / protocol.SETTINGS_FILE)
         return RunCase(package, input_image, package.network_kind.prepare(input_image)), network
 
     def _refine(self, case: RunCase, network: torch.nn.Module, initial: torch.Tensor,
                 progress: _RunProgress) -> None:
         atlas_images, atlas_labels = atlas_arrays(case.package)
+        case_training, keep_trusted = None, None
+        if self.edits is not None:
+            model_image = case.prepared.model_image
+            case_training = CaseTraining.from_edits(self.edits, case.input_image, model_image, case.target,
+                                                    case.patch, self.seed)
+            weight = self.edits.trusted_weight(case.input_image, model_image)
+            keep_trusted = lambda probabilities: trust(probabilities, initial, weight)  # noqa: E731
         torch.manual_seed(self.seed)
         refine(network, case.target, initial, atlas_images, atlas_labels, case.patch, self.settings, self.device,
-               lambda tuned: case.predict(tuned, self.device), np.random.default_rng(self.seed), progress)
+               lambda tuned: case.predict(tuned, self.device), np.random.default_rng(self.seed), progress,
+               case_training=case_training, keep_trusted=keep_trusted)
 
     def _labelmap(self, case: RunCase, probabilities: torch.Tensor) -> sitk.Image:
         on_input = case.package.network_kind.probabilities_on_input(probabilities[0].numpy(), case.prepared,
                                                                     case.input_image)
-        return labelmap_on_grid(on_input, case.input_image, case.package.labels, self.largest_component)
+        labelmap = labelmap_on_grid(on_input, case.input_image, case.package.labels, self.largest_component)
+        return self.edits.keep_edits(labelmap) if self.edits is not None else labelmap
 
-    def publish_snapshot(self, case: RunCase, probabilities: torch.Tensor, step: int) -> None:
-        """Write the mask of `probabilities` (1, C, z, y, x) as the next snapshot and announce it."""
+    def publish_snapshot(self, case: RunCase, probabilities: torch.Tensor, step: int) -> sitk.Image:
+        """Write the mask of `probabilities` (1, C, z, y, x) as the next snapshot, announce it and return it."""
         path = self.output_dir / protocol.SNAPSHOT_PATTERN.format(index=self._snapshots)
-        write_image_atomic(self._labelmap(case, probabilities), path)
+        labelmap = self._labelmap(case, probabilities)
+        write_image_atomic(labelmap, path)
         self.events.emit(protocol.EVENT_SNAPSHOT, index=self._snapshots, path=str(path), step=step)
         self._snapshots += 1
+        return labelmap
 
-    def _finish(self, case: RunCase, initial: torch.Tensor, progress: _RunProgress, timer: StageTimer,
-                partial: bool) -> RunResult:
-        """Write the final (or partial) labelmap, probabilities and, last, report.json."""
+    def _write_uncertainty_and_changes(self, case: RunCase, progress: _RunProgress, initial_labels: np.ndarray,
+                                       refined: np.ndarray) -> list[dict]:
+        """Write uncertainty.nrrd (input grid) and return the per-organ change rows, also emitted as an
+        event and printed as a table (on stderr when stdout carries the JSON events)."""
+        measure = uncertainty.uncertainty_map(self.uncertainty_measure, progress.probabilities, progress.recent)
+        uncertainty_image = uncertainty.on_input_grid(measure, case.prepared.model_image, case.input_image)
+        write_image_atomic(uncertainty_image, self.output_dir / protocol.UNCERTAINTY_FILE)
+        organs = changes.organ_changes(initial_labels, refined, sitk.GetArrayFromImage(uncertainty_image),
+                                       case.package.labels, case.input_image.GetSpacing()[::-1])
+        self.events.emit(protocol.EVENT_ORGAN_CHANGES, organs=organs)
+        tell(self.events, "What changed, per organ (initial -> refined):\n" + changes.format_table(organs))
+        return organs
+
+    def _finish(self, case: RunCase, initial: torch.Tensor, initial_labels: np.ndarray, progress: _RunProgress,
+                timer: StageTimer, partial: bool) -> RunResult:
+        """Write the final (or partial) labelmap, uncertainty map, probabilities and, last, report.json."""
         timer.start(protocol.STAGE_FINALIZE)
         self.events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_FINALIZE, partial=partial)
-        labelmap_path = write_image_atomic(self._labelmap(case, progress.probabilities),
-                                           self.output_dir / protocol.LABELMAP_FILE)
+        labelmap = self._labelmap(case, progress.probabilities)
+        labelmap_path = write_image_atomic(labelmap, self.output_dir / protocol.LABELMAP_FILE)
+        organs = self._write_uncertainty_and_changes(case, progress, initial_labels, sitk.GetArrayFromImage(labelmap))
         probabilities = np.round(progress.probabilities[0].numpy() * 255).astype(np.uint8)
         probability_image = sitk.GetImageFromArray(np.moveaxis(probabilities, 0, -1), isVector=True)
         probability_image.CopyInformation(case.prepared.model_image)
@@ -270,6 +317,9 @@ class Run:
             "alignment": progress.alignment_quality,
             "labels": [label["name"] for label in case.package.labels],
             "device": str(self.device),
+            "uncertainty": {"measure": self.uncertainty_measure, "uncertain_level": protocol.UNCERTAIN_LEVEL},
+            "organs": organs,
+            "from_edits": self.edits is not None,
         }
         report_path = write_text_atomic(json.dumps(report, indent=1), self.output_dir / protocol.REPORT_FILE)
         result = RunResult(labelmap_path, probabilities_path, report_path, partial, self._snapshots, initial, case)
@@ -280,17 +330,18 @@ class Run:
 def refine_with_fallback(input_path, model_path, output_dir, settings: RefineSettings, events: EventWriter,
                          device: torch.device, seed: int, largest_component: bool = True,
                          cancel: CancelToken | None = None,
-                         attempts: list[Attempt] | None = None) -> RunResult:
+                         attempts: list[Attempt] | None = None, **edit_options) -> RunResult:
     """A Run that, on GPU out-of-memory, starts over with lighter settings, then on the CPU (by default
     the attempts of `device.memory_fallback_attempts`), after a `warning` event that says why. Snapshot
-    numbering continues over the attempts. Raises errors.OutOfMemoryError when every attempt failed."""
+    numbering continues over the attempts. Raises errors.OutOfMemoryError when every attempt failed.
+    `edit_options` (initial_mask, edited_region, uncertainty_measure) go to every Run."""
     cancel = cancel or CancelToken(Path(output_dir))
     published = 0
 
     def attempt(try_: Attempt) -> RunResult:
         nonlocal published
         run = Run(input_path, model_path, output_dir, settings.lighter() if try_.lighter else settings, events,
-                  try_.device, seed, largest_component, cancel, first_snapshot=published)
+                  try_.device, seed, largest_component, cancel, first_snapshot=published, **edit_options)
         try:
             return run.execute()
         finally:
@@ -298,3 +349,7 @@ def refine_with_fallback(input_path, model_path, output_dir, settings: RefineSet
 
     return with_memory_fallback(attempt, attempts or memory_fallback_attempts(device),
                                 lambda message: events.emit(protocol.EVENT_WARNING, message=message))
+
+
+def _path_text(path) -> str | None:
+    return None if path is None else str(path)

@@ -26,6 +26,7 @@ EVENT_DONE = "done"
 EVENT_CANCELLED = "cancelled"
 EVENT_ERROR = "error"
 EVENT_DEVICES = "devices"
+EVENT_ORGAN_CHANGES = "organ_changes"  # before done/cancelled: per organ, initial against refined (changes.py)
 
 STAGE_INITIAL = "initial"
 STAGE_ALIGN = "align"
@@ -40,11 +41,12 @@ REPORT_FILE = "report.json"
 LABELMAP_FILE = "labelmap.nrrd"
 PROBABILITIES_FILE = "probabilities.nrrd"
 SNAPSHOT_PATTERN = "snapshot_{index:04d}.nrrd"
+UNCERTAINTY_FILE = "uncertainty.nrrd"
 LOCK_FILE = ".isseg-run.lock"  # held by the run that owns the folder (advisory lock)
 # Every file a run writes into its output folder, and the temporary names they are written under
 # (".<stem>.XXXX"): what `--overwrite` removes and what makes a folder "hold an earlier run".
 # A new result file must be added here.
-RESULT_FILES = (REPORT_FILE, LABELMAP_FILE, PROBABILITIES_FILE, SEGMENTS_FILE, SETTINGS_FILE)
+RESULT_FILES = (REPORT_FILE, LABELMAP_FILE, PROBABILITIES_FILE, SEGMENTS_FILE, SETTINGS_FILE, UNCERTAINTY_FILE)
 RUN_FILE_PATTERNS = (*RESULT_FILES, *(f".{name.split('.')[0]}.*" for name in RESULT_FILES),
                      "snapshot_[0-9]*.nrrd", ".snapshot_[0-9]*")
 
@@ -65,3 +67,15 @@ DEFAULT_UPDATE_EVERY = 20
 DEFAULT_MOMENTUM = 0.8
 DEFAULT_ALIGN_MODE = "mask"
 DEFAULT_LOSS = "dicece"
+
+# Refining from the user's edits (`isseg refine --initial-mask LABELMAP --edited-region LABELMAP`, both on
+# the input grid): the edited mask holds label values of the model, the region 1 where the user changed
+# a voxel (trusted and kept) and 0 elsewhere.
+OPTION_INITIAL_MASK = "--initial-mask"
+OPTION_EDITED_REGION = "--edited-region"
+EDITED_VALUE = 1
+
+# The uncertainty map (uncertainty.nrrd, float32 in [0, 1] on the input grid) and its per-organ summary.
+UNCERTAINTY_MEASURES = ("entropy", "disagreement")
+DEFAULT_UNCERTAINTY = "disagreement"
+UNCERTAIN_LEVEL = 0.25  # a voxel at or above this is counted as uncertain in the per-organ share

@@ -82,6 +82,9 @@ class RefineObserver:
     def step(self, step: int, loss: float) -> None:
         """A fine-tuning step (counted from 1 over all rounds) is done, with its loss."""
 
+    def predicted(self, step: int, prediction: torch.Tensor) -> None:
+        """The network's prediction (1, C, z, y, x) after `step`, before it enters the moving average."""
+
     def updated(self, step: int, probabilities: torch.Tensor, updates: int) -> None:
         """The moving average (1, C, z, y, x) was updated after `step`; `updates` so far."""
 
@@ -131,7 +134,8 @@ def steps_per_round(settings: RefineSettings) -> list[int]:
 def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabilities: torch.Tensor,
            atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], patch_zyx, settings: RefineSettings,
            device: torch.device, predict: Callable[[torch.nn.Module], torch.Tensor], rng: np.random.Generator,
-           observer: RefineObserver | None = None) -> RefineResult:
+           observer: RefineObserver | None = None, *, case_training=None,
+           keep_trusted: Callable[[torch.Tensor], None] | None = None) -> RefineResult:
     """Run the alignment rounds and fine-tuning, starting from the initial probabilities.
 
     network: the pretrained network (left unchanged: a copy is fine-tuned). target_image (1, 1, z, y, x);
@@ -140,6 +144,9 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
     network's probabilities (1, C, z, y, x) of the target, as its own predictor computes them
     (isseg.networks.predict_probabilities). `observer` hears of every
     stage, iteration, step and update and may raise to stop.
+    `case_training` (edits.CaseTraining, with --edited-region) adds a step on the case itself, inside the
+    voxels the user edited, after every step on the atlas; `keep_trusted(probabilities)` (e.g. edits.trust)
+    changes the average in place after every update, before it is published and drives the next round.
     """
     observer = observer or RefineObserver()
     tuned = copy.deepcopy(network).to(device)
@@ -162,9 +169,15 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
             observer.before_step(step + 1)
             loss = train_step(tuned, optimizer, loss_function, training_images, aligned.labels, patch_zyx, rng,
                               settings.patches, device)
+            if case_training is not None:
+                case_training.step(tuned, optimizer, device)
             step += 1
             observer.step(step, loss)
             if step % settings.update_every == 0 or step == settings.steps:
-                average.update(predict(tuned))
+                prediction = predict(tuned)
+                observer.predicted(step, prediction)
+                average.update(prediction)
+                if keep_trusted is not None:
+                    keep_trusted(average.value)
                 observer.updated(step, average.value, average.updates)
     return RefineResult(average.value, average.updates, tuned)

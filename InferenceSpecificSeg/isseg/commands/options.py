@@ -62,6 +62,30 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     add_device_and_seed_options(group)
 
 
+def add_edit_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `refine` for starting from the user's edits and for the uncertainty map."""
+    group = parser.add_argument_group("refining from edits, uncertainty")
+    group.add_argument(protocol.OPTION_INITIAL_MASK, metavar="LABELMAP",
+                       help="start from this mask (e.g. the result after your corrections) instead of the network's: "
+                            "a labelmap with the model's label values on the grid of --input")
+    group.add_argument(protocol.OPTION_EDITED_REGION, metavar="LABELMAP",
+                       help=f"voxels you changed (1) and the others (0), on the grid of --input; needs "
+                            f"{protocol.OPTION_INITIAL_MASK}. The network also learns from this case there, and the "
+                            "result keeps your labels there unchanged")
+    group.add_argument("--uncertainty", choices=protocol.UNCERTAINTY_MEASURES, default=protocol.DEFAULT_UNCERTAINTY,
+                       help="what uncertainty.nrrd shows: the entropy of the averaged probabilities, or how many of "
+                            "the last predictions disagree with the result (default %(default)s)")
+
+
+def edit_options_from(args: argparse.Namespace) -> dict:
+    """The keyword arguments of pipeline.Run that the options of `add_edit_options` ask for; exits with a
+    usage message (exit code 2) for an edited region without its mask."""
+    if args.edited_region and not args.initial_mask:
+        usage_error(f"{protocol.OPTION_EDITED_REGION} needs {protocol.OPTION_INITIAL_MASK} (the edited mask it belongs to)")
+    return {"initial_mask": args.initial_mask, "edited_region": args.edited_region,
+            "uncertainty_measure": args.uncertainty}
+
+
 def usage_error(message: str) -> None:
     """Stop as argparse does for a wrong argument: the message on stderr and exit code 2 (EXIT_USAGE)."""
     sys.stderr.write(f"isseg: error: {message}\n")

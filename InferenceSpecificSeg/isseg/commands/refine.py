@@ -8,7 +8,8 @@ from ..device import resolve_device
 from ..pipeline import CancelToken, refine_with_fallback
 from ..protocol import (EXIT_BAD_INPUT, EXIT_BAD_MODEL, EXIT_CANCELLED, EXIT_DISK, EXIT_DONE, EXIT_INTERNAL,
                         EXIT_OUT_OF_MEMORY, EXIT_USAGE)
-from .options import add_progress_option, add_refine_options, events_for, refine_settings_from, resolve_model
+from .options import (add_edit_options, add_progress_option, add_refine_options, edit_options_from, events_for,
+                      refine_settings_from, resolve_model)
 
 EXIT_CODES_HELP = f"""exit codes:
   {EXIT_DONE}  done
@@ -35,14 +36,17 @@ def register(commands) -> None:
     parser.add_argument("--output", required=True, help="output folder (created if needed)")
     add_progress_option(parser)
     add_refine_options(parser)
+    add_edit_options(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
     events = events_for(args)
     settings = refine_settings_from(args)
+    edit_options = edit_options_from(args)
     cancel = CancelToken(args.output)
     cancel.install_signal_handlers()
     result = refine_with_fallback(args.input, resolve_model(args.model), args.output, settings, events,
-                                  resolve_device(args.device), args.seed, not args.no_largest_component, cancel)
+                                  resolve_device(args.device), args.seed, not args.no_largest_component, cancel,
+                                  **edit_options)
     return EXIT_CANCELLED if result.partial else EXIT_DONE
