@@ -77,5 +77,5 @@ EDITED_VALUE = 1
 
 # The uncertainty map (uncertainty.nrrd, float32 in [0, 1] on the input grid) and its per-organ summary.
 UNCERTAINTY_MEASURES = ("entropy", "disagreement")
-DEFAULT_UNCERTAINTY = "disagreement"
+DEFAULT_UNCERTAINTY = "entropy"  # higher error-detection AUC on phantoms (BENCHMARKS.md, section "Refine from edits")
 UNCERTAIN_LEVEL = 0.25  # a voxel at or above this is counted as uncertain in the per-organ share
