@@ -46,8 +46,8 @@ def case(tmp_path_factory):
     return {"folder": folder, "image": generated.image, "truth": truth, "edited": edited, "region": region > 0}
 
 
-def test_a_perfect_initial_mask_aligns_the_atlas_better_than_the_network_mask(case):
-    package = model_package.load("demo")
+def test_a_perfect_initial_mask_aligns_the_atlas_better_than_the_network_mask(case, demo_package):
+    package = model_package.load(demo_package)
     kind = package.network_kind
     prepared = kind.prepare(case["image"])
     network_mask = predict_probabilities(kind, package.build_network(), prepared.tensor, torch.device("cpu"))
@@ -55,7 +55,7 @@ def test_a_perfect_initial_mask_aligns_the_atlas_better_than_the_network_mask(ca
         case["image"], prepared.model_image, package.num_classes)
     truth = sitk.GetArrayFromImage(resample_to(_on(case["truth"], case["image"]), prepared.model_image, is_label=True))
     images, labels = atlas_arrays(package)
-    settings = AlignmentSettings(affine_iterations=30, deformable_iterations=30)
+    settings = AlignmentSettings(iterations=30)
 
     def dice_to_truth(target):
         aligned = align_atlas(images[:3], labels[:3], prepared.tensor, target, settings, torch.device("cpu"))
