@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadModelError
+from .networks.base import KIND_MONAI
 from .validation import available_memory_bytes, format_bytes
 
 MIN_PATCH_VOXELS, MAX_PATCH_VOXELS = 8, 1024  # per axis
@@ -33,8 +34,13 @@ URL = re.compile(r"^[a-z][a-z0-9+.-]*://|^www\.", re.IGNORECASE)
 
 
 def check_config(config: dict, config_path: Path) -> None:
-    """Every model.json entry a run reads, with the types and ranges it needs."""
+    """Every model.json entry a run reads, with the types and ranges it needs. Packages of other network
+    kinds (nnU-Net, MONAI bundle) record input and patch size for display only: their own plans or
+    transforms rule, and their kind checks them when it is built."""
     _check_labels(config["labels"], config_path)
+    network = config["network"]
+    if isinstance(network, dict) and network.get("kind", KIND_MONAI) != KIND_MONAI:
+        return
     entry = config["input"]
     spacing = entry.get("spacing") if isinstance(entry, dict) else None
     if not (_numbers(spacing, 3) and all(0 < s for s in spacing)):
@@ -54,7 +60,6 @@ def check_config(config: dict, config_path: Path) -> None:
             and all(MIN_PATCH_VOXELS <= p <= MAX_PATCH_VOXELS for p in patch)):
         raise BadModelError(f"{config_path}: patch_size must be three whole numbers of voxels from {MIN_PATCH_VOXELS} "
                             f"to {MAX_PATCH_VOXELS} (x y z), got {patch!r}.")
-    network = config["network"]
     if not (isinstance(network, dict) and isinstance(network.get("name"), str)
             and isinstance(network.get("args", {}), dict)):
         raise BadModelError(f"{config_path}: network must be {{\"name\": a MONAI network, \"args\": {{...}}}}.")
