@@ -22,6 +22,7 @@ from engine_support import LiveWorker, run_worker, small_ct
 from isseg import metrics, phantom
 from isseg.errors import Cancelled
 from isseg.events import EventWriter
+from isseg.output_folder import OutputFolder
 from isseg.pipeline import CancelToken, Run
 from isseg.refinement import RefineSettings
 
@@ -399,6 +400,6 @@ def test_stale_cancel_file_does_not_cancel_a_new_run(tmp_path):
     (tmp_path / "cancel").touch()
     run = Run(tmp_path / "ct.nrrd", tmp_path / "package", tmp_path, RefineSettings(), EventWriter(io.StringIO()),
               device=None, seed=0)
-    run.prepare_output()
-    assert not (tmp_path / "cancel").exists()
-    run.cancel.check()
+    with OutputFolder(tmp_path):
+        assert not (tmp_path / "cancel").exists()
+        run.cancel.check()

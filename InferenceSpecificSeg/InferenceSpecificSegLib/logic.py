@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .i18n import tr as _
-from .protocol import EXIT_CANCELLED, SEGMENTS_FILE, ProtocolError, RunProgress, readSegmentsFile
+from .protocol import EXIT_CANCELLED, SEGMENTS_FILE, ProtocolError, RunProgress, readSegmentsFile, resultIsComplete
 from .segmentation import LiveSegmentation, writeVolumeForWorker
 from .settings import RunSettings
 from .worker import WorkerProcess, readLogTail, workerCommand, workerEnvironment
@@ -170,7 +170,7 @@ class RefinementLogic:
         self._worker = None
         kind, returnCode = event.get("event"), worker.returnCode
         node = self.status.segmentationNode
-        if kind == "done" and self._finalResultLoaded:
+        if kind == "done" and self._finalResultLoaded and resultIsComplete(worker.outputDirectory):
             self.status.state = RunState.DONE
             self.status.message = _("Done: {count} segments in '{node}'.").format(count=len(self.segments), node=node.GetName())
             shutil.rmtree(self.runDirectory, ignore_errors=True)

@@ -173,7 +173,9 @@ def unpack_cached(zip_path: str | os.PathLike, cache_folder: str | os.PathLike) 
     try:
         files = extract(zip_path, staging / "package")
         record = {"zip_sha256": zip_sha256, "files": files}
-        (staging / "package" / RECORD_FILE).write_text(json.dumps(record), encoding="utf-8")
+        with os.fdopen(os.open(staging / "package" / RECORD_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644),
+                       "w", encoding="utf-8") as stream:
+            json.dump(record, stream)
         try:
             os.rename(staging / "package", entry)
         except OSError:

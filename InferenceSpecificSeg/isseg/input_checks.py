@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from .dicom_series import read_series
 from .errors import BadInputError, BadModelError
 from .events import EventWriter
-from .io import check_ct_volume, model_grid, read_image
+from .io import check_ct_volume, model_grid_geometry, read_image
 from .validation import (AIR_HU, GRID_BYTES_PER_CLASS_VOXEL, MAX_NON_FINITE_FRACTION, MIN_GRID_VOXELS,
                          available_memory_bytes, format_bytes)
 
@@ -59,7 +59,7 @@ def replace_non_finite(image: sitk.Image, events: EventWriter, name: str) -> sit
 def check_model_grid(image: sitk.Image, spacing_mm, orientation: str, num_classes: int) -> tuple[int, int, int]:
     """Size (x, y, z voxels) of `image` on the model's grid; BadInputError when the field of view is too
     small for the model, BadModelError when the grid's probabilities cannot fit in memory."""
-    size = model_grid(image, spacing_mm, orientation).GetSize()
+    size = tuple(int(n) for n in model_grid_geometry(image, spacing_mm, orientation)[0])
     extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
     if min(size) < MIN_GRID_VOXELS:
         raise BadInputError(

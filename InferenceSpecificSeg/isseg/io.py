@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom_series import read_series
 from .errors import BadInputError, DiskError
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -42,18 +43,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
-        raise BadInputError(
-            f"No DICOM series found in folder '{folder}'. Point to the folder that holds the slices."
-        )
-    if len(series_ids) > 1:
-        raise BadInputError(
-            f"Folder '{folder}' holds {len(series_ids)} DICOM series; put the CT series in a folder of its own."
-        )
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
-    return reader.Execute()
+    """The one DICOM series in `folder`; a series with a missing slice is refused (dicom_series)."""
+    return read_series(folder)[0]
 
 
 def last_line(error: Exception) -> str:
@@ -84,7 +75,10 @@ def check_ct_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
             f"'{name}' has size {size}: it is a single slice, not a volume. Load the whole CT series."
         )
     array = sitk.GetArrayViewFromImage(image)
-    low, high = float(array.min()), float(array.max())
+    finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+    if finite.size == 0:
+        raise BadInputError(f"'{name}' holds no numbers (every voxel is NaN or infinite). Export the image again.")
+    low, high = float(finite.min()), float(finite.max())
     if high == low:
         raise BadInputError(
             f"'{name}' is empty (every voxel is {low:g}). Select the CT volume that holds the patient."
@@ -131,6 +125,8 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
             stream.write(text)
         os.replace(temporary, path)
     except OSError as error:
+        if "temporary" in locals() and os.path.exists(temporary):
+            os.remove(temporary)  # e.g. the disk is full: leave no temporary file behind
         raise DiskError(
             f"Could not write '{path}' ({error.strerror}). Free disk space or choose another output folder."
         ) from None
@@ -144,6 +140,16 @@ def reorient(image: sitk.Image, orientation: str) -> sitk.Image:
 
 def model_grid(image: sitk.Image, spacing_mm: Sequence[float], orientation: str) -> sitk.Image:
     """An empty image on the model's grid covering `image`: axis-aligned to `orientation`, `spacing_mm` (x, y, z)."""
+    size, origin, target_direction = model_grid_geometry(image, spacing_mm, orientation)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetSpacing(tuple(float(s) for s in spacing_mm))
+    grid.SetDirection(tuple(target_direction.ravel()))
+    grid.SetOrigin(tuple(origin))
+    return grid
+
+
+def model_grid_geometry(image: sitk.Image, spacing_mm: Sequence[float], orientation: str):
+    """(size (x, y, z voxels), origin (mm), 3x3 direction) of model_grid, computed without allocating it."""
     oriented = reorient(image, orientation)
     direction = np.array(oriented.GetDirection()).reshape(3, 3)
     # Snap the near-axis-aligned direction to the exact axes of the orientation code: the model
@@ -158,11 +164,7 @@ def model_grid(image: sitk.Image, spacing_mm: Sequence[float], orientation: str)
     spacing = np.asarray(spacing_mm, dtype=float)
     size = np.maximum(np.ceil((high - low) / spacing).astype(int), 1)
     origin = target_direction @ (low + spacing / 2)
-    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    grid.SetSpacing(tuple(spacing))
-    grid.SetDirection(tuple(target_direction.ravel()))
-    grid.SetOrigin(tuple(origin))
-    return grid
+    return size, origin, target_direction
 
 
 def _physical_corners(image: sitk.Image) -> np.ndarray:

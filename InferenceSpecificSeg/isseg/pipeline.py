@@ -19,14 +19,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, changes, model_package, protocol, uncertainty
+from . import __version__, changes, model_package, package_checks, protocol, uncertainty
 from .alignment import AlignedAtlas
 from .device import Attempt, memory_fallback_attempts, with_memory_fallback
 from .edits import CaseTraining, UserEdits, trust
-from .errors import Cancelled, DiskError
+from .errors import Cancelled, OutOfMemoryError
 from .events import EventWriter, RunClock
-from .io import read_image, write_image_atomic, write_text_atomic
-from .networks import PreparedCase, predict_probabilities
+from .input_checks import check_model_grid, read_input
+from .io import write_image_atomic, write_text_atomic
+from .networks import KIND_MONAI, PreparedCase, predict_probabilities
+from .networks.monai_net import build_monai_network
+from .output_folder import OutputFolder
 from .postprocess import labelmap_on_grid
 from .refinement import RefineObserver, RefineSettings, refine
 from .reporting import tell
@@ -144,6 +147,7 @@ class _RunProgress(RefineObserver):
                              eta_s=self.clock.seconds_left(), done_fraction=self.clock.done_units / self.clock.total_units)
 
     def stage(self, stage: str, round_index: int) -> None:
+        self.run.stage = stage
         self.timer.start(stage)
         self.run.events.emit(protocol.EVENT_STAGE, stage=stage, round=round_index)
 
@@ -177,16 +181,21 @@ class Run:
     """One run: segment `input_path` with the package at `model_path` and refine the result, writing
     into `output_dir`. Events go to `events`; `cancel` (by default one for `output_dir`) stops it;
     `first_snapshot` numbers the first snapshot (a retry after running out of memory continues the
-    numbering). With `initial_mask` (and `edited_region`, both labelmap files on the input grid) the run
-    starts from the user's edits (isseg.edits). `uncertainty_measure` names what uncertainty.nrrd shows.
-    `execute()` does the work once and returns a RunResult."""
+    numbering); `overwrite` lets it remove an earlier run's results from `output_dir`, `allow_slice_gaps`
+    lets it read a DICOM series with missing slices. With `initial_mask` (and `edited_region`, both
+    labelmap files on the input grid) the run starts from the user's edits (isseg.edits).
+    `uncertainty_measure` names what uncertainty.nrrd shows. `execute()` does the work once and returns
+    a RunResult."""
 
     def __init__(self, input_path, model_path, output_dir, settings: RefineSettings, events: EventWriter,
                  device: torch.device, seed: int, largest_component: bool = True, cancel: CancelToken | None = None,
-                 first_snapshot: int = 0, *, initial_mask=None, edited_region=None,
-                 uncertainty_measure: str = protocol.DEFAULT_UNCERTAINTY):
+                 first_snapshot: int = 0, overwrite: bool = False, allow_slice_gaps: bool = False, *,
+                 initial_mask=None, edited_region=None, uncertainty_measure: str = protocol.DEFAULT_UNCERTAINTY):
         self.input_path, self.model_path = Path(input_path), Path(model_path)
         self.output_dir = Path(output_dir)
+        self.overwrite, self.allow_slice_gaps = overwrite, allow_slice_gaps
+        self.stage = protocol.STAGE_INITIAL  # where the run is, for messages such as running out of memory
+        self.claimed_folder = False  # set once the output folder passed its checks and is this run's
         self.settings, self.events, self.device, self.seed = settings, events, device, seed
         self.largest_component = largest_component
         self.cancel = cancel or CancelToken(self.output_dir)
@@ -200,25 +209,46 @@ class Run:
         """The number of the next snapshot: snapshots published by this run and the attempts before it."""
         return self._snapshots
 
-    def prepare_output(self) -> None:
-        """Create the output folder, check that it is writable and remove a stale cancel file."""
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / ".write-test"
-            probe.write_text("ok", encoding="utf-8")
-            probe.unlink()
-        except OSError as error:
-            raise DiskError(f"Cannot write to the output folder '{self.output_dir}' ({error.strerror}). "
-                            "Choose a folder you can write to, with free space.") from None
-        self.cancel.cancel_file.unlink(missing_ok=True)
-
     def execute(self) -> RunResult:
-        """Run everything: the initial segmentation, the refinement and the final (or partial) result."""
-        self.prepare_output()
+        """Run everything: the initial segmentation, the refinement and the final (or partial) result. The
+        input and the package are checked before the output folder is claimed (created, locked, an earlier
+        run's results dealt with; a stale cancel file removed). Running out of main memory raises
+        OutOfMemoryError naming the stage."""
         timer = StageTimer()
         timer.start(protocol.STAGE_INITIAL)
         self.events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_INITIAL)
-        case, network = self._prepare_case()
+        try:
+            package, input_image, network = self._load_and_check()
+            with OutputFolder(self.output_dir, self.overwrite):
+                self.claimed_folder = True
+                return self._execute_in_folder(package, input_image, network, timer)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the GPU fall-back deals with it
+        except (MemoryError, RuntimeError) as error:
+            if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
+                raise
+            raise OutOfMemoryError(
+                f"Out of main memory during the {self.stage} stage ({str(error).strip().splitlines()[0][:200]}). "
+                "Close other programs, crop the CT to the region of interest, or use a machine with more memory."
+            ) from None
+
+    def _load_and_check(self) -> tuple[model_package.ModelPackage, sitk.Image, torch.nn.Module]:
+        """Read and check the input and the package before anything is written (docs/worker-protocol.md,
+        "Limits"); returns the package, the input image and the network on the run's device."""
+        input_image = read_input(self.input_path, self.events, self.allow_slice_gaps)
+        package = model_package.load(self.model_path)
+        check_model_grid(input_image, package.spacing, package.orientation, package.num_classes)
+        network_config = package.config["network"]
+        if network_config.get("kind", KIND_MONAI) == KIND_MONAI:
+            package_checks.check_footprint(lambda: build_monai_network(network_config),
+                                           package.network_kind.patch_zyx, self.settings.patches.batch_size,
+                                           network_config.get("args", {}).get("in_channels", 1),
+                                           package.root / protocol.MODEL_FILE)
+        return package, input_image, package.build_network().to(self.device)
+
+    def _execute_in_folder(self, package: model_package.ModelPackage, input_image: sitk.Image,
+                           network: torch.nn.Module, timer: StageTimer) -> RunResult:
+        case = self._prepare_case(package, input_image)
         initial = self._initial_probabilities(case, network)
         initial_labels = sitk.GetArrayFromImage(self.publish_snapshot(case, initial, step=0))
         progress = _RunProgress(self, case, timer)
@@ -238,12 +268,8 @@ class Run:
         self.edits = UserEdits.read(self.initial_mask, self.edited_region, case.input_image, values)
         return self.edits.probabilities(case.input_image, case.prepared.model_image, case.package.num_classes)
 
-    def _prepare_case(self) -> tuple[RunCase, torch.nn.Module]:
-        """Load the package and the image, record segments.json and settings.json, and put the image on
-        the model grid; returns the case and the network on the run's device."""
-        package = model_package.load(self.model_path)
-        network = package.build_network().to(self.device)
-        input_image = read_image(self.input_path)
+    def _prepare_case(self, package: model_package.ModelPackage, input_image: sitk.Image) -> RunCase:
+        """Record segments.json and settings.json and put the image on the model grid."""
         write_text_atomic(json.dumps(segments_record(package.labels), indent=1), self.output_dir / protocol.SEGMENTS_FILE)
         write_text_atomic(json.dumps(settings_record(
             self.settings, seed=self.seed, device=str(self.device), input=str(self.input_path),
@@ -251,7 +277,7 @@ class Run:
             largest_component=self.largest_component, uncertainty=self.uncertainty_measure,
             edits={"initial_mask": _path_text(self.initial_mask), "edited_region": _path_text(self.edited_region)}),
             indent=1), self.output_dir / protocol.SETTINGS_FILE)
-        return RunCase(package, input_image, package.network_kind.prepare(input_image)), network
+        return RunCase(package, input_image, package.network_kind.prepare(input_image))
 
     def _refine(self, case: RunCase, network: torch.nn.Module, initial: torch.Tensor,
                 progress: _RunProgress) -> None:
@@ -299,6 +325,7 @@ class Run:
     def _finish(self, case: RunCase, initial: torch.Tensor, initial_labels: np.ndarray, progress: _RunProgress,
                 timer: StageTimer, partial: bool) -> RunResult:
         """Write the final (or partial) labelmap, uncertainty map, probabilities and, last, report.json."""
+        self.stage = protocol.STAGE_FINALIZE
         timer.start(protocol.STAGE_FINALIZE)
         self.events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_FINALIZE, partial=partial)
         labelmap = self._labelmap(case, progress.probabilities)
@@ -330,22 +357,26 @@ class Run:
 def refine_with_fallback(input_path, model_path, output_dir, settings: RefineSettings, events: EventWriter,
                          device: torch.device, seed: int, largest_component: bool = True,
                          cancel: CancelToken | None = None,
-                         attempts: list[Attempt] | None = None, **edit_options) -> RunResult:
+                         attempts: list[Attempt] | None = None, overwrite: bool = False,
+                         allow_slice_gaps: bool = False, **edit_options) -> RunResult:
     """A Run that, on GPU out-of-memory, starts over with lighter settings, then on the CPU (by default
     the attempts of `device.memory_fallback_attempts`), after a `warning` event that says why. Snapshot
     numbering continues over the attempts. Raises errors.OutOfMemoryError when every attempt failed.
-    `edit_options` (initial_mask, edited_region, uncertainty_measure) go to every Run."""
+    `overwrite` and `allow_slice_gaps` as for Run; `edit_options` (initial_mask, edited_region,
+    uncertainty_measure) go to every Run."""
     cancel = cancel or CancelToken(Path(output_dir))
-    published = 0
+    published, claimed = 0, False
 
     def attempt(try_: Attempt) -> RunResult:
-        nonlocal published
+        nonlocal published, claimed
+        # A retry replaces what an earlier attempt of this same run wrote into the folder it had claimed.
         run = Run(input_path, model_path, output_dir, settings.lighter() if try_.lighter else settings, events,
-                  try_.device, seed, largest_component, cancel, first_snapshot=published, **edit_options)
+                  try_.device, seed, largest_component, cancel, first_snapshot=published,
+                  overwrite=overwrite or claimed, allow_slice_gaps=allow_slice_gaps, **edit_options)
         try:
             return run.execute()
         finally:
-            published = run.snapshots_published
+            published, claimed = run.snapshots_published, claimed or run.claimed_folder
 
     return with_memory_fallback(attempt, attempts or memory_fallback_attempts(device),
                                 lambda message: events.emit(protocol.EVENT_WARNING, message=message))

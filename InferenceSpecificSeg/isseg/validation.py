@@ -101,6 +101,11 @@ def user_path(text: str) -> Path:
     return Path(os.path.expanduser(text))
 
 
+def model_reference(text: str) -> str:
+    """argparse type for --model: `demo`, or a package path with `~` expanded."""
+    return text if text == "demo" else str(user_path(text))
+
+
 def available_memory_bytes() -> int | None:
     """Main memory available to a new allocation without swapping (Linux MemAvailable; elsewhere the
     free physical pages), None where the system does not say."""

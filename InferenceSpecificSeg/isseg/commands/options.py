@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .. import protocol
+from .. import protocol, validation
 from ..alignment import AlignmentSettings
 from ..demo_model import demo_package_path
 from ..events import EventWriter
@@ -27,24 +27,24 @@ def events_for(args: argparse.Namespace) -> EventWriter:
 def add_device_and_seed_options(group) -> None:
     group.add_argument("--device", choices=protocol.DEVICES, default=protocol.DEFAULT_DEVICE,
                        help="where to compute; auto uses a CUDA GPU when there is one (default %(default)s)")
-    group.add_argument("--seed", type=int, default=0, help="random seed; the same seed repeats a run (default 0)")
+    group.add_argument("--seed", type=validation.non_negative_int, default=0, help="random seed; the same seed repeats a run (default 0)")
 
 
 def add_refine_options(parser: argparse.ArgumentParser) -> None:
     """Options of the refinement algorithm, shared by `refine`, `demo` and `evaluate`."""
     defaults = RefineSettings()
     group = parser.add_argument_group("inference-specific learning")
-    group.add_argument("--steps", type=int, default=defaults.steps,
+    group.add_argument("--steps", type=validation.positive_int, default=defaults.steps,
                        help="fine-tuning steps in all (default %(default)s); more is slower and usually a little better")
     group.add_argument("--rounds", type=int, default=defaults.rounds, choices=(1, 2, 3),
                        help="alignment rounds; each re-aligns the atlas to the latest average mask (default %(default)s)")
-    group.add_argument("--update-every", type=int, default=defaults.update_every,
+    group.add_argument("--update-every", type=validation.positive_int, default=defaults.update_every,
                        help="steps between moving-average updates, each published as a snapshot (default %(default)s)")
-    group.add_argument("--momentum", type=float, default=defaults.momentum,
+    group.add_argument("--momentum", type=validation.momentum, default=defaults.momentum,
                        help="moving-average factor m in P = m P + (1 - m) P_t (default %(default)s)")
     group.add_argument("--no-moving-average", action="store_true",
                        help="keep only the latest prediction instead of the moving average (for comparison)")
-    group.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+    group.add_argument("--learning-rate", type=validation.positive_float, default=defaults.learning_rate,
                        help="fine-tuning learning rate (default %(default)s)")
     group.add_argument("--loss", choices=protocol.LOSS_NAMES, default=defaults.loss,
                        help="fine-tuning loss: Dice + cross-entropy, or adaptive region-specific Tversky + "
@@ -52,7 +52,7 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--align-mode", choices=protocol.ALIGN_MODES, default=defaults.alignment.mode,
                        help="what drives the atlas alignment: the current mask (robust to contrast), image "
                             "similarity, or both (default %(default)s)")
-    group.add_argument("--align-iterations", type=int, default=defaults.alignment.iterations,
+    group.add_argument("--align-iterations", type=validation.non_negative_int, default=defaults.alignment.iterations,
                        help="alignment iterations per pyramid level in the first round (default %(default)s)")
     group.add_argument("--no-intensity-matching", action="store_true",
                        help="train on the atlas intensities as they are, without matching each organ's "
@@ -93,12 +93,8 @@ def usage_error(message: str) -> None:
 
 
 def refine_settings_from(args: argparse.Namespace) -> RefineSettings:
-    """The RefineSettings the options of `add_refine_options` ask for; exits with a usage message
-    (exit code 2) when a value is out of range."""
-    if not 0 <= args.momentum < 1:
-        usage_error("--momentum must be at least 0 and below 1")
-    if args.steps < 1 or args.update_every < 1:
-        usage_error("--steps and --update-every must be positive")
+    """The RefineSettings the options of `add_refine_options` ask for (their argparse types refuse
+    out-of-range values: exit 2 with an `error` event)."""
     return RefineSettings(steps=args.steps, rounds=args.rounds, update_every=args.update_every,
                           momentum=args.momentum, moving_average=not args.no_moving_average,
                           learning_rate=args.learning_rate, loss=args.loss,
