@@ -109,6 +109,8 @@ class TaggedEvents:
 
     def __init__(self, events: EventWriter, **tags):
         self.events, self.tags = events, tags
+        # reporting.tell reads these to choose where a message goes
+        self.mode, self.stream = events.mode, events.stream
 
     def emit(self, event: str, **fields) -> None:
         if event in ("snapshot", "done") and self.events.mode == "bar":
