@@ -104,6 +104,22 @@ def test_a_final_result_that_cannot_be_read_fails_the_run_and_keeps_the_preview(
     assert status.segmentationNode.GetName() == "CT ISL (partial)"
 
 
+def test_done_without_report_is_not_called_complete(fakeLogic, volumeNode, scene):
+    """The completeness rule (docs/worker-protocol.md): a `done` event and a readable labelmap without
+    report.json is no complete result; the panel says so and keeps the labelmap as a partial one."""
+    fakeLogic.start(volumeNode, "fake-no-report", RunSettings(steps=4))
+    runDirectory = fakeLogic.runDirectory
+    status = pollUntil(fakeLogic, lambda status: not status.active)
+    assert (runDirectory / "output" / "labelmap.nrrd").exists()
+    assert not (runDirectory / "output" / "report.json").exists()
+    assert status.state == RunState.FAILED, status.message
+    assert "report.json" in status.errorMessage and "worker.log" in status.errorMessage
+    assert status.message.startswith("Failed: ") and "Done" not in status.message
+    assert status.segmentationNode.GetName() == "CT ISL (partial)"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert runDirectory.exists(), "the run folder is kept after a failure, for its log"
+
+
 def test_a_worker_that_ignores_cancel_is_killed_and_leaves_no_process(fakeLogic, volumeNode):
     fakeLogic.start(volumeNode, "fake-stubborn", RunSettings(steps=5))
     pollUntil(fakeLogic, lambda status: status.resultsLoaded >= 1)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .i18n import tr as _
-from .protocol import EXIT_CANCELLED, SEGMENTS_FILE, ProtocolError, RunProgress, readSegmentsFile, resultIsComplete
+from .protocol import EXIT_CANCELLED, REPORT_FILE, SEGMENTS_FILE, ProtocolError, RunProgress, readSegmentsFile, resultIsComplete
 from .segmentation import LiveSegmentation, writeVolumeForWorker
 from .settings import RunSettings
 from .worker import WorkerProcess, readLogTail, workerCommand, workerEnvironment
@@ -192,6 +192,9 @@ class RefinementLogic:
     def _failureMessage(self, event: dict, worker: WorkerProcess) -> str:
         if event.get("event") == "error":
             return str(event.get("message") or event.get("kind") or _("unknown error"))
+        if event.get("event") == "done" and self._finalResultLoaded:  # loaded, but no report.json saying it is final
+            return _("the worker said it was done but wrote no complete {report}, so the result may be incomplete. "
+                     "See the log: {log}").format(report=REPORT_FILE, log=worker.logPath)
         if event.get("event") == "done":
             return _("the worker finished but its result could not be loaded. See the log: {log}").format(log=worker.logPath)
         return _("the worker stopped unexpectedly (exit code {code}). Last lines of its log ({log}):\n{tail}").format(
