@@ -174,11 +174,8 @@ REAL_CT_ESTIMATE_S = 60.0
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two binary masks; NaN when both are empty (organ outside the scanned range)."""
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = int(a.sum()) + int(b.sum())
-    if total == 0:
-        return float("nan")
-    return 2.0 * int(np.logical_and(a, b).sum()) / total
+    from isseg.metrics import binary_dice  # here, not at the top: `prepare` and the plans stay torch-free
+    return binary_dice(a, b)
 
 
 def interobserver_rows(scan: str, first: Mapping[str, np.ndarray], second: Mapping[str, np.ndarray],

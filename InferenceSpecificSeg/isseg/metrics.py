@@ -31,6 +31,11 @@ def dice_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[i
     return scores
 
 
+def binary_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two binary masks (same shape, nonzero = inside); NaN when both are empty."""
+    return dice_per_label(np.asarray(a) != 0, np.asarray(b) != 0, [True])[0]
+
+
 def hd95_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[int],
                    spacing_zyx: Sequence[float] | None = None) -> list[float]:
     """95th-percentile symmetric Hausdorff distance of each label; NaN where either map lacks it."""
