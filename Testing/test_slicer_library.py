@@ -183,6 +183,13 @@ def test_refused_install_leaves_the_models_folder_as_it_was(tmp_path):
         archive.writestr("../escape.txt", "x")
     with pytest.raises(ModelPackageError, match="unsafe path"):
         installModelPackage(unsafeZip, modelsDirectory)
+    linkZip = tmp_path / "link.zip"  # the engine's checks (isseg.archive) run in the panel too
+    with zipfile.ZipFile(linkZip, "w") as archive:
+        link = zipfile.ZipInfo("model.json")
+        link.external_attr = (0o120777 << 16)
+        archive.writestr(link, "/etc/passwd")
+    with pytest.raises(ModelPackageError, match="link"):
+        installModelPackage(linkZip, modelsDirectory)
     notAPackage = tmp_path / "notes.txt"
     notAPackage.write_text("hello")
     with pytest.raises(ModelPackageError, match="neither a folder nor a .zip"):

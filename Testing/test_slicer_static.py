@@ -3,6 +3,7 @@ the files on disk, the module's size, the layering rules and the help text."""
 
 import ast
 import re
+import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -13,6 +14,10 @@ UI_FILE = MODULE / "Resources" / "UI" / "InferenceSpecificSeg.ui"
 LIBRARY = MODULE / "InferenceSpecificSegLib"
 # Library modules that must run anywhere: no slicer, no Qt.
 GUI_FREE = ("i18n", "settings", "protocol", "worker", "models", "dependencies")
+# The only engine modules the Slicer side may import: torch-free, standard library only (checked below),
+# so that Slicer never loads torch and a zip is unpacked by one implementation on both sides.
+ENGINE_MODULES_FOR_SLICER = ("isseg.protocol", "isseg.archive")
+ENGINE = ROOT / "InferenceSpecificSeg" / "isseg"
 
 
 def uiWidgets():
@@ -36,21 +41,22 @@ def moduleFiles(pattern: str) -> set:
 
 
 def importedModules(path: Path) -> set:
-    """Top-level names of every module `path` imports (anywhere in the file). The engine's torch-free
-    contract module `isseg.protocol` counts as `isseg.protocol`, every other isseg module as `isseg`."""
+    """Top-level names of every module `path` imports (anywhere in the file). The engine modules of
+    ENGINE_MODULES_FOR_SLICER count by their full name (`isseg.protocol`), every other isseg module as
+    `isseg`. Relative imports (inside a package) are left out."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(_topLevel(alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "isseg":
-            names.update("isseg.protocol" if alias.name == "protocol" else "isseg" for alias in node.names)
+            names.update(_topLevel(f"isseg.{alias.name}") for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             names.add(_topLevel(node.module))
     return names
 
 
 def _topLevel(moduleName: str) -> str:
-    return "isseg.protocol" if moduleName == "isseg.protocol" else moduleName.split(".")[0]
+    return moduleName if moduleName in ENGINE_MODULES_FOR_SLICER else moduleName.split(".")[0]
 
 
 def test_ui_file_parses_and_has_every_widget_the_module_uses():
@@ -122,11 +128,25 @@ def test_help_text_cites_the_method_and_the_loss():
 def test_layers_import_only_what_they_may():
     for path in [MODULE_FILE, *LIBRARY.glob("*.py")]:
         assert not importedModules(path) & {"torch", "monai", "SimpleITK", "isseg"}, path
+        assert {name for name in importedModules(path) if name.startswith("isseg")} <= set(ENGINE_MODULES_FOR_SLICER)
     for name in GUI_FREE:
         assert not importedModules(LIBRARY / f"{name}.py") & {"slicer", "qt", "ctk", "vtk"}, name
     for path in LIBRARY.glob("*.py"):
         assert not importedModules(path) & {"qt", "ctk"}, path
         assert "mrmlScene" not in path.read_text(encoding="utf-8"), f"{path} must take the scene as an argument"
+
+
+def test_engine_modules_the_slicer_side_may_import_use_the_standard_library_only():
+    """What keeps "nothing torch on the Slicer side" true for the allowed engine modules: they import
+    neither a third-party library nor another isseg module (which could import torch)."""
+    assert not importedModules(ENGINE / "__init__.py"), "importing any isseg module runs isseg/__init__.py"
+    for name in ENGINE_MODULES_FOR_SLICER:
+        path = ENGINE / f"{name.split('.', 1)[1]}.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        assert not [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level], \
+            f"{name} imports another isseg module"
+        outside = importedModules(path) - set(sys.stdlib_module_names)
+        assert outside == set(), f"{name} imports {sorted(outside)}, which are not in the standard library"
 
 
 def test_user_visible_strings_in_the_module_are_translatable():
@@ -139,12 +159,13 @@ def test_user_visible_strings_in_the_module_are_translatable():
 
 def test_slicer_side_parses_as_python_39():
     """Slicer 5.8 runs Python 3.9: the module file and its library must not use newer syntax."""
-    for path in [MODULE_FILE, *LIBRARY.glob("*.py"), ROOT / "InferenceSpecificSeg" / "isseg" / "protocol.py"]:
+    engineModules = [ENGINE / f"{name.split('.', 1)[1]}.py" for name in ENGINE_MODULES_FOR_SLICER]
+    for path in [MODULE_FILE, *LIBRARY.glob("*.py"), ENGINE / "__init__.py", *engineModules]:
         ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
 
 
 # Methods of VTK itself or of Python libraries (not Slicer's): not in the 5.8 list.
-NOT_SLICER_API = {"GetPointData", "GetScalars", "SetScalars", "GetExtent", "InsertNextValue", "ModifiedEvent",
+NOT_SLICER_API = {"ArchiveError", "GetPointData", "GetScalars", "SetScalars", "GetExtent", "InsertNextValue", "ModifiedEvent",
                   "ModelPackageError", "PackageNotFoundError", "Popen", "PyTorchUtilsLogic", "QFileDialog", "QMenu",
                   "QTimer", "SimpleQueue", "Thread", "TimeoutExpired", "WaitCursor", "ZipFile", "Empty", "Enum"}
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from isseg import archive  # standard library only, like isseg.protocol
+
 from .i18n import tr as _
 
 DEMO_MODEL = "demo"
@@ -182,7 +184,7 @@ def installModelPackage(source: Union[str, Path], modelsDirectory: Union[str, Pa
         else:
             raise ModelPackageError(_("'{source}' is neither a folder nor a .zip file. Pick the model package folder "
                                       "or its .zip.").format(source=source))
-        packageRoot = _packageRoot(staging / "package")
+        packageRoot = archive.shallowest_folder_with(staging / "package", MODEL_FILE)
         describePackage(packageRoot)
         config = json.loads((packageRoot / MODEL_FILE).read_text(encoding="utf-8"))
         target = modelsDirectory / _folderName(str(config["name"]))
@@ -198,18 +200,12 @@ def installModelPackage(source: Union[str, Path], modelsDirectory: Union[str, Pa
 
 
 def _extractZip(zipPath: Path, target: Path) -> None:
-    with zipfile.ZipFile(zipPath) as archive:
-        for member in archive.namelist():
-            if member.startswith(("/", "\\")) or ".." in Path(member).parts or re.match(r"^[A-Za-z]:", member):
-                raise ModelPackageError(_("'{file}' contains the unsafe path '{member}' and will not be unpacked.").format(
-                    file=zipPath, member=member))
-        archive.extractall(target)
-
-
-def _packageRoot(folder: Path) -> Path:
-    """The folder holding model.json: `folder` itself or, for a zip of a folder, the shallowest one below."""
-    candidates = sorted(folder.rglob(MODEL_FILE), key=lambda path: len(path.parts))
-    return candidates[0].parent if candidates else folder
+    """Unpack with the engine's safe extraction (isseg.archive: paths confined, no links, size and zip-bomb
+    limits, CRC checked); `target` is in the staging folder, which installModelPackage removes in any case."""
+    try:
+        archive.extract(zipPath, target)
+    except archive.ArchiveError as error:
+        raise ModelPackageError(_("Not installed: {error}").format(error=error)) from None
 
 
 def _folderName(modelName: str) -> str:
