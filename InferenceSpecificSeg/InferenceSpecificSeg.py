@@ -133,8 +133,11 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self) -> None:
+        """Slicer is unloading the module (on exit, before it deletes the scene, whose destructor closes it once
+        more): end the run and leave nothing connected to the scene, the parameter node included."""
         self.pollTimer.stop()
         self.logic.run.stopNow()
+        self.setParameterNode(None)
         self.removeObservers()
 
     def enter(self) -> None:

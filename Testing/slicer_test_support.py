@@ -115,7 +115,8 @@ FAKE_CLI = r'''
 --model selects the behaviour: "fake" (quick), "fake-slow", "fake-bad-model" (error event),
 "fake-crash" (dies mid-line), "fake-stubborn" (ignores cancelling, starts a child process),
 "fake-unreadable-result" (announces a final labelmap that does not exist), "fake-deaf" (slow, and
-stops on SIGTERM only, as the engine busy in one long operation)."""
+stops on SIGTERM only, as the engine busy in one long operation), "fake-orphan" (slow, and leaves a
+process outside its process group that holds its stdout open)."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -175,6 +176,9 @@ def main(arguments):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         (output / "child.pid").write_text(str(child.pid), encoding="utf-8")
+    if model == "fake-orphan":
+        orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        (output / "orphan.pid").write_text(str(orphan.pid), encoding="utf-8")
     emit(event="stage", stage="initial")
     emit(event="snapshot", index=0, step=0, path=writeLabels(reference, 2, output / "snapshot_0000.nrrd"))
     print("noise: not an event")
@@ -182,7 +186,7 @@ def main(arguments):
     if model == "fake-stubborn":
         while True:
             time.sleep(1)
-    delay = 0.3 if model in ("fake-slow", "fake-deaf") else 0.02
+    delay = 0.3 if model in ("fake-slow", "fake-deaf", "fake-orphan") else 0.02
     emit(event="stage", stage="refine")
     for step in range(1, steps + 1):
         if cancelled or (model != "fake-deaf" and (output / "cancel").exists()):

@@ -171,3 +171,23 @@ def test_real_worker_on_a_tiny_phantom_publishes_snapshots_and_cancels(scene, tm
         assert status.segmentationNode.GetName() == "Phantom ISL (partial)"
     assert status.segmentationNode is node
     assert processGroupMembers(workerPid) == []
+
+
+def test_stop_now_returns_at_once_even_when_the_worker_pipe_stays_open(fakeLogic, volumeNode, tmp_path):
+    """stopNow runs on the GUI thread (scene close, exit): it must not wait for the worker's pipe, which a
+    process outside the worker's process group (here the fake's orphan) can hold open."""
+    fakeLogic.start(volumeNode, "fake-orphan", RunSettings(steps=500))
+    workerPid, orphanPidFile = fakeLogic.workerProcessId, fakeLogic.runDirectory / "output" / "orphan.pid"
+    pollUntil(fakeLogic, lambda status: status.resultsLoaded >= 1)
+    orphanPid = int(orphanPidFile.read_text(encoding="utf-8"))
+    try:
+        started = time.monotonic()
+        fakeLogic.stopNow()
+        assert time.monotonic() - started < 1.0
+        assert fakeLogic.status.state == RunState.CANCELLED and not fakeLogic.status.active
+        deadline = time.monotonic() + 5
+        while processGroupMembers(workerPid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processGroupMembers(workerPid) == []
+    finally:
+        os.kill(orphanPid, 9)

@@ -33,9 +33,17 @@ def slicerApp(tmp_path, monkeypatch):
     settings.mkdir(), temporary.mkdir()
     application, dialogs = slicer_standin.install(settings, temporary, scene)
     application.modulePaths["InferenceSpecificSeg"] = str(MODULE_DIRECTORY / "InferenceSpecificSeg.py")
-    yield types.SimpleNamespace(app=application, dialogs=dialogs, scene=scene, tmp=tmp_path)
+    # VTK reports an exception in an observer through sys.excepthook and goes on: collect them, none may occur.
+    observerErrors = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, error, trace: observerErrors.append(error))
+    yield types.SimpleNamespace(app=application, dialogs=dialogs, scene=scene, tmp=tmp_path, observerErrors=observerErrors)
     import qt
 
+    # Slicer's exit: the module manager announces the unloading of each module (the widget's cleanup), then the
+    # scene goes, whose destructor closes it (StartCloseEvent, EndCloseEvent) once more.
+    application.moduleManager().moduleAboutToBeUnloaded.emit("InferenceSpecificSeg")
+    scene.Clear(1)
+    assert observerErrors == []
     for timer in list(qt.QTimer.active):
         timer.stop()
     slicer.vtkSegment.override(None)
@@ -141,9 +149,11 @@ def test_cancel_mid_run_keeps_the_partial_result(slicerApp, volumeNode):
 
 def test_closing_the_scene_mid_run_ends_the_worker(slicerApp, volumeNode):
     widget, workerPid = startLongRun(slicerApp, volumeNode)
+    started = time.monotonic()
     slicerApp.scene.Clear(0)  # fires StartCloseEvent and EndCloseEvent, as File > Close Scene does
+    assert time.monotonic() - started < 1.0  # the GUI thread does not wait for the worker to go
     assert not widget.logic.run.status.active
-    assert processGroupMembers(workerPid) == []
+    runEventLoop(slicerApp, lambda: processGroupMembers(workerPid) == [], seconds=5)
     assert widget._parameterNode is not None and widget._parameterNode.inputVolume is None
 
 
@@ -192,3 +202,16 @@ def test_after_a_failure_the_log_and_a_link_to_the_run_folder_are_shown(slicerAp
     widget.ui.logCollapsibleButton.collapsed = False
     widget.showStatus()
     assert "fake worker starting" in widget.ui.logTextEdit.plainText
+
+
+def test_closing_the_scene_after_cleanup_calls_nothing_of_the_widget(slicerApp, volumeNode):
+    """Slicer unloads a module (moduleAboutToBeUnloaded: the widget's cleanup) before it deletes the scene, whose
+    destructor closes it once more: cleanup must leave no observer that could run on a widget being torn down."""
+    widget, workerPid = startLongRun(slicerApp, volumeNode)
+    slicerApp.app.moduleManager().moduleAboutToBeUnloaded.emit("InferenceSpecificSeg")
+    assert widget.Observations == [] and not widget.pollTimer.isActive()
+    assert not widget.logic.run.status.active
+    runEventLoop(slicerApp, lambda: processGroupMembers(workerPid) == [], seconds=5)
+    widget.__dict__.clear()  # what the garbage collector does to a widget in a reference cycle before freeing it
+    slicerApp.scene.Clear(0)
+    assert slicerApp.observerErrors == []

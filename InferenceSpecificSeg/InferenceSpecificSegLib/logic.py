@@ -144,11 +144,12 @@ class RefinementLogic:
             self.status.message = _("Cancelling: waiting for the worker to save its partial result...")
 
     def stopNow(self) -> None:
-        """End a running worker and its process tree at once (the scene is closing or Slicer is exiting)."""
+        """End a running worker and its process tree at once, without waiting for it (the scene is closing or
+        Slicer is exiting): the run ends cancelled; results it had not yet shown stay in the run folder."""
         if self.status.active:
             self.status.state = RunState.CANCELLING
             self._worker.kill()
-            self.poll()
+            self._settle()
 
     def _loadResult(self, labelmapPath: Path) -> bool:
         """Show the labelmap file in the run's segmentation node; False (and a log entry) when it cannot be read."""

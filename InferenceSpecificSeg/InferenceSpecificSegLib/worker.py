@@ -168,13 +168,10 @@ class WorkerProcess:
                 and time.monotonic() - self._cancelRequestedAt > timeoutSeconds)
 
     def kill(self) -> None:
-        """End the worker and every process it started, now."""
+        """End the worker and every process it started, now, without waiting for them (this runs on the GUI
+        thread): a background thread reaps the process; `finished` tells when its last events are in."""
         self._killProcessGroup()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            logging.error("InferenceSpecificSeg worker %d did not end after being killed", self._process.pid)
-        self._reader.join(timeout=10)  # the pipe closes with the process: the last events are in the queue now
+        threading.Thread(target=self._process.wait, name="InferenceSpecificSeg worker reaper", daemon=True).start()
 
     def _killProcessGroup(self) -> None:
         if os.name == "nt":
