@@ -9,7 +9,8 @@ from slicer_test_support import (SEGMENTS, addVolume, exportSegmentVoxels, newSc
 
 import slicer
 from InferenceSpecificSegLib.protocol import readSegmentsFile
-from InferenceSpecificSegLib.segmentation import LiveSegmentation, contentFingerprint, segmentIdForValue, writeVolumeForWorker
+from InferenceSpecificSegLib import segmentation
+from InferenceSpecificSegLib.segmentation import LiveSegmentation, editStamp, segmentIdForValue, writeVolumeForWorker
 
 SHAPE = (14, 18, 22)  # k, j, i: a different size per axis catches swapped axes
 
@@ -126,14 +127,14 @@ def test_user_edited_segmentation_is_not_overwritten(run):
     assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
         painted, editedNode, "label_1", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
     editedVoxels = exportSegmentVoxels(scene, editedNode, ["label_1"], volumeNode)
-    fingerprintAfterEdit = contentFingerprint(editedNode)
+    stampAfterEdit = editStamp(editedNode)
 
     writeSnapshot(inputPath, blobLabels(2), directory / "snapshot_0001.nrrd")
     live.update(directory / "snapshot_0001.nrrd", segments)
 
     assert live.node is not editedNode
     assert live.editedNodes == [editedNode]
-    assert contentFingerprint(editedNode) == fingerprintAfterEdit
+    assert editStamp(editedNode) == stampAfterEdit
     assert np.array_equal(exportSegmentVoxels(scene, editedNode, ["label_1"], volumeNode), editedVoxels)
     assert np.array_equal(exportSegmentVoxels(scene, live.node, ["label_1"], volumeNode) > 0, blobLabels(2) == 1)
     assert live.node.GetName() != editedNode.GetName()
@@ -153,6 +154,41 @@ def test_display_changes_are_not_edits(run):
     live.update(directory / "snapshot_0001.nrrd", segments)
     assert live.node is node and live.editedNodes == []
     assert node.GetSegmentation().GetSegment("label_1").GetColor() == pytest.approx((0.1, 0.9, 0.1))
+
+
+def test_voxels_changed_in_place_are_an_edit_and_3d_surfaces_are_not(run):
+    scene, volumeNode, inputPath, segments, directory = run
+    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
+    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
+    live.update(directory / "snapshot_0000.nrrd", segments)
+    node = live.node
+    node.CreateClosedSurfaceRepresentation()  # "Show 3D"
+    writeSnapshot(inputPath, blobLabels(1), directory / "snapshot_0001.nrrd")
+    live.update(directory / "snapshot_0001.nrrd", segments)
+    assert live.node is node and live.editedNodes == []
+
+    # A paint stroke written straight into the shared labelmap, then marked modified (as the effects do).
+    scalars = node.GetBinaryLabelmapInternalRepresentation("label_1").GetPointData().GetScalars()
+    scalars.SetValue(0, 1)
+    scalars.Modified()
+    live.update(directory / "snapshot_0000.nrrd", segments)
+    assert live.editedNodes == [node] and live.node is not node
+
+
+def test_the_edit_check_reads_no_voxel_of_the_shown_result(run, monkeypatch):
+    """Each update reads the new snapshot's voxels only: the check for user edits costs the same for any volume."""
+    scene, volumeNode, inputPath, segments, directory = run
+    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
+    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
+    live.update(directory / "snapshot_0000.nrrd", segments)
+    shownScalars = live.node.GetBinaryLabelmapInternalRepresentation("label_1").GetPointData().GetScalars()
+    read = []
+    realVtkToNumpy = segmentation.vtk_to_numpy
+    monkeypatch.setattr(segmentation, "vtk_to_numpy", lambda array: read.append(array) or realVtkToNumpy(array))
+    writeSnapshot(inputPath, blobLabels(1), directory / "snapshot_0001.nrrd")
+    live.update(directory / "snapshot_0001.nrrd", segments)
+    assert len(read) == 1 and read[0] is not shownScalars
+    assert live.node.GetBinaryLabelmapInternalRepresentation("label_1").GetPointData().GetScalars() is not read[0]
 
 
 def test_deleted_node_is_replaced(run):

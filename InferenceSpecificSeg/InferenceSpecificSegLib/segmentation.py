@@ -6,7 +6,6 @@ Uses the MRML classes of `slicer` and vtk only (no Qt, no slicer.app, no global 
 Slicer and with the slicer-core wheel alike.
 """
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -62,26 +61,22 @@ def terminologyEntry(terminology: dict) -> str:
         ANATOMIC_CONTEXT, "", "", "", "", "", "")
 
 
-def contentFingerprint(segmentationNode) -> str:
-    """A digest of what a user can edit in a segmentation: segment IDs, names, label values and the
-    binary labelmap voxels. Display changes (visibility, opacity, 3D surfaces) do not change it."""
+def editStamp(segmentationNode) -> tuple:
+    """What a user can edit in a segmentation, cheaply: the segment IDs, names and label values, and the newest
+    modification time of its binary labelmaps (VTK's MTime, which every change of their voxels advances: the
+    Segment Editor's effects, SetBinaryLabelmapToSegment, an array's Modified()). No voxel is read, so the
+    check costs the same for any volume size. Display changes (visibility, opacity, color, 3D surfaces) leave
+    it alone."""
     segmentation = segmentationNode.GetSegmentation()
-    digest = hashlib.blake2b(digest_size=16)
-    hashedImages = []
     representationName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segments, newestLabelmapTime = [], 0
     for index in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(index)
-        digest.update(f"{segmentation.GetNthSegmentID(index)}\0{segment.GetName()}\0{segment.GetLabelValue()}\n".encode())
+        segments.append((segmentation.GetNthSegmentID(index), segment.GetName(), segment.GetLabelValue()))
         image = segment.GetRepresentation(representationName)
-        # Segments share one labelmap image: hash each image once.
-        if image is None or any(image is hashed for hashed in hashedImages):
-            continue
-        hashedImages.append(image)
-        digest.update(repr(image.GetExtent()).encode())
-        scalars = image.GetPointData().GetScalars()
-        if scalars is not None:
-            digest.update(np.ascontiguousarray(vtk_to_numpy(scalars)).data)
-    return digest.hexdigest()
+        if image is not None:
+            newestLabelmapTime = max(newestLabelmapTime, image.GetMTime())
+    return tuple(segments), newestLabelmapTime
 
 
 def placeNextTo(node, volumeNode) -> None:
@@ -104,9 +99,9 @@ class LiveSegmentation:
     """The segmentation node that shows a run's results on the grid of its input volume.
 
     `scene` is the MRML scene, `volumeNode` the input volume, `baseName` the name of the node to create.
-    The node is created by the first `update`. After each update the content fingerprint is recorded; when
-    the node's content differs at the next update, the user has edited it, and that node is left alone:
-    results go to a new node instead. A node the user deleted is likewise replaced by a new one.
+    The node is created by the first `update`. After each update its edit stamp is recorded; when the stamp
+    differs at the next update, the user has edited the node, and that node is left alone: results go to a
+    new node instead. A node the user deleted is likewise replaced by a new one.
     """
 
     def __init__(self, scene, volumeNode, baseName: str):
@@ -115,7 +110,7 @@ class LiveSegmentation:
         self.baseName = baseName
         self.node = None
         self.editedNodes = []  # nodes left alone because the user edited them during the run
-        self._fingerprint = None
+        self._stamp = None  # editStamp of the node after the last update
 
     def update(self, labelmapPath: Path, segments: list) -> None:
         """Show the labelmap file `labelmapPath` (on the input grid) as the segments `segments` (list of
@@ -124,7 +119,7 @@ class LiveSegmentation:
         _renumberLabels(labelmapNode, [segment.value for segment in segments])
         if self.node is None or self.node.GetScene() is not self.scene:
             self.node = self._newNode()
-        elif contentFingerprint(self.node) != self._fingerprint:
+        elif editStamp(self.node) != self._stamp:
             logging.info("Segmentation %s was edited during the run; writing results to a new node", self.node.GetName())
             self.editedNodes.append(self.node)
             self.node = self._newNode()
@@ -145,7 +140,7 @@ class LiveSegmentation:
             self.node.EndModify(wasModifying)
             if labelmapNode.GetScene() is not None:
                 self.scene.RemoveNode(labelmapNode)
-        self._fingerprint = contentFingerprint(self.node)
+        self._stamp = editStamp(self.node)
 
     def rename(self, name: str) -> None:
         """Give the current node (if any) the name `name`, made unique in the scene (e.g. to mark a partial result)."""
