@@ -28,7 +28,7 @@ from slicer.util import VTKObservationMixin
 from InferenceSpecificSegLib import dependencies, models
 from InferenceSpecificSegLib.logic import RefinementLogic, RunState
 from InferenceSpecificSegLib.settings import AlignmentMode, Device, Loss, RunSettings
-from InferenceSpecificSegLib.worker import WorkerError, queryDevices, workerEnvironment
+from InferenceSpecificSegLib.worker import WorkerError, WorkerTask, deviceInfoFromTask, workerEnvironment
 
 
 # Each library module after the ones it imports (onReload reloads them in this order).
@@ -92,7 +92,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._deviceInfo = None  # asked from the worker once, on the first Start
+        self._deviceInfo = None  # the worker's answer to `isseg devices` (asked once, in the background)
+        self._deviceQuery = None  # the WorkerTask asking it, while it runs
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -117,10 +118,15 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
+        self.deviceTimer = qt.QTimer()
+        self.deviceTimer.setInterval(self.POLL_INTERVAL_MS)
+        self.deviceTimer.connect("timeout()", self.onDeviceTimer)
 
         self.refreshModelList()
         self.initializeParameterNode()
         self.showStatus()
+        if not dependencies.missingPackages():  # otherwise the first Start installs them, then asks
+            self.startDeviceQuery()
 
     def onReload(self) -> None:
         """Slicer's Reload re-imports only this file: re-import the library first, leaves before their users."""
@@ -136,6 +142,9 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         """Slicer is unloading the module (on exit, before it deletes the scene, whose destructor closes it once
         more): end the run and leave nothing connected to the scene, the parameter node included."""
         self.pollTimer.stop()
+        self.deviceTimer.stop()
+        if self._deviceQuery is not None:
+            self._deviceQuery.stop()
         self.logic.run.stopNow()
         self.setParameterNode(None)
         self.removeObservers()
@@ -231,8 +240,9 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if not self.ensureDependencies():
             return
         parameters = self._parameterNode
+        # The device answer is not waited for: the run resolves the device itself, the line follows when it comes.
+        self.startDeviceQuery()
         with slicer.util.tryWithErrorDisplay(_("Could not start the run."), waitCursor=True):
-            self.showDevice()
             settings = RunSettings(parameters.steps, parameters.device, parameters.alignment,
                                    parameters.momentum, parameters.loss)
             self.logic.run.start(parameters.inputVolume, parameters.model, settings)
@@ -283,16 +293,32 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
     def onRunFolderLink(self, link: str) -> None:
         qt.QDesktopServices.openUrl(qt.QUrl(link))
 
-    def showDevice(self) -> None:
-        """Ask the worker once which device it can use and show it; a worker that cannot tell is no reason
-        not to try the run (which reports its own errors)."""
-        if self._deviceInfo is None:
-            try:
-                self._deviceInfo = self.logic.queryDevices()
-            except WorkerError as error:
-                self.ui.deviceInfoLabel.text = _("Device unknown: {error}").format(error=error)
-                return
-        self.ui.deviceInfoLabel.text = self._deviceInfo.describe(self._parameterNode.device.value)
+    def startDeviceQuery(self) -> None:
+        """Ask the worker in the background which device it can use (`isseg devices` imports torch: seconds);
+        onDeviceTimer shows the answer. Once answered it is not asked again; after a failure the next Start asks."""
+        if self._deviceInfo is not None or self._deviceQuery is not None:
+            return
+        try:
+            self._deviceQuery = self.logic.startDeviceQuery()
+        except WorkerError as error:
+            self.ui.deviceInfoLabel.text = _("Device unknown: {error}").format(error=error)
+            return
+        self.ui.deviceInfoLabel.text = _("Checking which device the worker can use...")
+        self.deviceTimer.start()
+
+    def onDeviceTimer(self) -> None:
+        if not self._deviceQuery.poll():
+            return
+        self.deviceTimer.stop()
+        query, self._deviceQuery = self._deviceQuery, None
+        try:
+            self._deviceInfo = deviceInfoFromTask(query)
+        except WorkerError as error:
+            self.ui.deviceInfoLabel.text = _("Device unknown: {error}").format(error=error)
+            return
+        shutil.rmtree(query.directory, ignore_errors=True)
+        if self._parameterNode:
+            self.ui.deviceInfoLabel.text = self._deviceInfo.describe(self._parameterNode.device.value)
 
     def ensureDependencies(self) -> bool:
         """Offer to install missing Python packages; True when all are there afterwards."""
@@ -362,9 +388,14 @@ class InferenceSpecificSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return InferenceSpecificSegParameterNode(super().getParameterNode())
 
-    def queryDevices(self):
-        """DeviceInfo from the worker (starts torch in a separate process; takes a few seconds)."""
-        return queryDevices(self.run.pythonExecutable, workerEnvironment(self.run.moduleDirectory))
+    def startDeviceQuery(self) -> WorkerTask:
+        """`isseg devices` in a worker process (it imports torch: seconds), to be polled (deviceInfoFromTask)."""
+        return self.startWorkerTask(["devices"])
+
+    def startWorkerTask(self, arguments: list, timeoutSeconds: float = 120.0) -> WorkerTask:
+        """A short worker command in the background, in a private folder of Slicer's temporary folder."""
+        return WorkerTask(self.run.pythonExecutable, arguments, workerEnvironment(self.run.moduleDirectory),
+                          self.run.workDirectory, timeoutSeconds)
 
 
 def addSyntheticAbdomenVolume(name: str = "ISL test CT"):

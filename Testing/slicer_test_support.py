@@ -155,6 +155,7 @@ def onTerminate(*_):
 
 def main(arguments):
     if arguments[0] == "devices":
+        time.sleep(float(os.environ.get("FAKE_DEVICES_SECONDS", "0")))  # as torch takes its time to import
         print("a library printing to stdout")
         emit(event="devices", cuda=False, name="CPU", memory_gib=None)
         return 0

@@ -215,3 +215,21 @@ def test_closing_the_scene_after_cleanup_calls_nothing_of_the_widget(slicerApp, 
     widget.__dict__.clear()  # what the garbage collector does to a widget in a reference cycle before freeing it
     slicerApp.scene.Clear(0)
     assert slicerApp.observerErrors == []
+
+
+def test_start_does_not_wait_for_the_device_answer_which_is_shown_when_it_comes(slicerApp, volumeNode, monkeypatch):
+    monkeypatch.setenv("FAKE_DEVICES_SECONDS", "1.5")
+    _, widget = loadModule(slicerApp, writeFakeEngine(slicerApp.tmp))
+    assert widget.ui.deviceInfoLabel.text.startswith("Device unknown")  # PythonSlicer is not there at setup()
+    pickVolumeAndModel(widget, volumeNode, "fake-slow")
+    widget._parameterNode.steps = 14  # about 4 s: longer than the device answer takes
+    started = time.monotonic()
+    widget.ui.startButton.click()
+    assert time.monotonic() - started < 1.0 and widget.logic.run.status.active
+    assert widget.ui.deviceInfoLabel.text == "Checking which device the worker can use..."
+    runEventLoop(slicerApp, lambda: not widget.deviceTimer.isActive())
+    assert widget.ui.deviceInfoLabel.text == "Runs on the CPU (no CUDA GPU found); expect several minutes per run."
+    assert widget.logic.run.status.active  # the run went on meanwhile
+    runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
+    assert widget.logic.run.status.state.value == "done"
+    assert not list(slicerApp.tmp.glob("temporary/InferenceSpecificSeg-devices-*"))  # answered: its folder is gone

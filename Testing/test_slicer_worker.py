@@ -11,7 +11,8 @@ import pytest
 from slicer_test_support import addVolume, newScene, processAlive, processGroupMembers, writeFakeEngine, writeVolumeFile
 
 from InferenceSpecificSegLib.protocol import CANCEL_FILE
-from InferenceSpecificSegLib.worker import DeviceInfo, WorkerProcess, queryDevices, workerCommand, workerEnvironment
+from InferenceSpecificSegLib.worker import (DeviceInfo, WorkerError, WorkerProcess, WorkerTask, deviceInfoFromTask, workerCommand,
+                                            workerEnvironment)
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="process groups and /proc are POSIX")
 
@@ -97,8 +98,10 @@ def test_a_worker_that_ignores_cancel_is_killed_with_its_children(engine):
     assert processGroupMembers(worker.pid) == []
 
 
-def test_devices_are_read_from_the_worker(engine):
-    info = queryDevices(sys.executable, workerEnvironment(engine[0]))
+def test_devices_are_read_from_the_worker_in_the_background(engine, tmp_path):
+    task = WorkerTask(sys.executable, ["devices"], workerEnvironment(engine[0]), tmp_path)
+    waitUntil(task.poll, 30)
+    info = deviceInfoFromTask(task)
     assert info == DeviceInfo(cuda=False, name="CPU", memoryGiB=None)
     assert "CPU" in info.describe("auto")
     gpu = DeviceInfo(cuda=True, name="NVIDIA H100", memoryGiB=79.6)
@@ -148,3 +151,13 @@ def test_cancel_through_a_launcher_signals_the_whole_process_group(engine, tmp_p
     assert events and events[-1]["event"] == "cancelled" and events[-1]["partial"] is True
     assert (engine[2] / "labelmap.nrrd").exists()  # the partial result was written before anything was killed
     assert processGroupMembers(worker.pid) == []
+
+
+def test_a_device_query_that_does_not_answer_in_time_is_killed(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_DEVICES_SECONDS", "60")
+    task = WorkerTask(sys.executable, ["devices"], workerEnvironment(engine[0]), tmp_path, timeoutSeconds=0.5)
+    assert not task.poll()  # answers at once, whatever the worker does
+    waitUntil(task.poll, 10)
+    assert task.timedOut
+    with pytest.raises(WorkerError, match="did not answer in time"):
+        deviceInfoFromTask(task)

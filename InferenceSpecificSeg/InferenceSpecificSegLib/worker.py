@@ -9,8 +9,10 @@ pointed to when something fails.
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -220,22 +222,60 @@ class DeviceInfo:
         return _("Runs on the CPU (no CUDA GPU found); expect several minutes per run.")
 
 
-def queryDevices(pythonExecutable: str, environment: dict, timeoutSeconds: float = 120) -> DeviceInfo:
-    """Ask the worker which compute device it can use (`<python> -m isseg.cli devices`). This starts
-    torch in a separate process, so the caller never imports torch. Raises WorkerError when the worker
-    does not answer with a `devices` event."""
-    command = workerCommand(pythonExecutable, ["devices"])
-    try:
-        completed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, env=environment,
-                                   timeout=timeoutSeconds, **_processGroupOptions())
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise WorkerError(_("Could not ask the worker for its devices: {error}").format(error=error)) from None
-    for line in completed.stdout.splitlines():
-        event = parseEventLine(line)
-        if event is not None and event["event"] == "devices":
-            memory = event.get("memory_gib")
-            return DeviceInfo(bool(event.get("cuda")), str(event.get("name") or "CPU"),
-                              float(memory) if isinstance(memory, (int, float)) else None)
-    stderrTail = completed.stderr.decode("utf-8", errors="replace").strip().splitlines()[-5:]
-    raise WorkerError(_("The worker did not report its devices (exit code {code}). {log}").format(
-        code=completed.returncode, log="\n".join(stderrTail)))
+class WorkerTask:
+    """A short worker command (devices, phantom) running in the background, polled from a GUI timer: its
+    events are collected as they arrive, and it is killed once it has run `timeoutSeconds`.
+
+    `arguments` are the worker CLI's (e.g. ["devices"]); the task runs in a new private folder under
+    `workDirectory` (`directory`), which receives its log (worker.log) and whatever it writes there.
+    Raises WorkerError when the worker cannot be started."""
+
+    def __init__(self, pythonExecutable: str, arguments: list, environment: dict, workDirectory=None,
+                 timeoutSeconds: float = 120.0):
+        self.directory = Path(tempfile.mkdtemp(prefix=f"InferenceSpecificSeg-{arguments[0]}-", dir=workDirectory))
+        self.events: list = []
+        self.timedOut = False
+        self._deadline = time.monotonic() + timeoutSeconds
+        try:
+            self._worker = WorkerProcess(workerCommand(pythonExecutable, arguments), self.directory,
+                                         self.directory / "worker.log", environment)
+        except WorkerError:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def poll(self) -> bool:
+        """Take the new events; True once the worker has exited (never blocks)."""
+        finished = self._worker.finished  # before taking the events: once finished, all are in the queue
+        self.events.extend(self._worker.takeEvents())
+        if not finished and not self.timedOut and time.monotonic() > self._deadline:
+            self.timedOut = True
+            self._worker.kill()
+        return finished
+
+    def lastEvent(self, kind: str) -> Optional[dict]:
+        return next((event for event in reversed(self.events) if event["event"] == kind), None)
+
+    def failureText(self) -> str:
+        """Why the task gave no answer: the worker's error message, or its exit code and the end of its log."""
+        error = self.lastEvent("error")
+        if error is not None:
+            return str(error.get("message") or error.get("kind"))
+        if self.timedOut:
+            return _("the worker did not answer in time. See its log: {log}").format(log=self._worker.logPath)
+        return _("the worker stopped (exit code {code}). {log}").format(code=self._worker.returnCode,
+                                                                     log=self._worker.logTail(5))
+
+    def stop(self) -> None:
+        """End the worker now (without waiting for it)."""
+        self._worker.kill()
+
+
+def deviceInfoFromTask(task: WorkerTask) -> DeviceInfo:
+    """The answer of a finished `devices` task (started with WorkerTask(..., ["devices"], ...)); raises
+    WorkerError with what went wrong when it gave none."""
+    event = task.lastEvent("devices")
+    if event is None:
+        raise WorkerError(_("The worker did not report its devices: {reason}").format(reason=task.failureText()))
+    memory = event.get("memory_gib")
+    return DeviceInfo(bool(event.get("cuda")), str(event.get("name") or "CPU"),
+                      float(memory) if isinstance(memory, (int, float)) else None)
