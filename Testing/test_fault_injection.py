@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -137,6 +138,56 @@ def test_overwrite_removes_report_first_and_a_killed_run_leaves_nothing_complete
     assert (output / "notes.txt").read_text(encoding="utf-8") == "mine", "files of the user are left alone"
     with OutputFolder(output, overwrite=True):  # the killed run's lock died with it
         pass
+
+
+# Disk full: the output folder on a tiny tmpfs in a private mount namespace (root, or a user namespace).
+
+DISK_FULL = r"""
+size=$1 mount_point=$2 copy=$3; shift 3
+mount -t tmpfs -o size="$size" tmpfs "$mount_point" || exit 90
+mkdir "$mount_point/run" && printf mine > "$mount_point/run/notes.txt" || exit 91
+"$@" --output "$mount_point/run"
+code=$?
+cp -a "$mount_point/run/." "$copy/" || exit 92
+exit $code
+"""
+
+
+def private_mount_command() -> list[str]:
+    """`unshare` with a private mount namespace (and a user namespace when not root), or a skip."""
+    unshare = shutil.which("unshare")
+    if os.name == "nt" or unshare is None:
+        pytest.skip("disk-full test needs Linux `unshare` to mount a private tmpfs")
+    command = [unshare, "-m"] if os.geteuid() == 0 else [unshare, "-r", "-m"]
+    probe = subprocess.run([*command, "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', "/mnt"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here ({probe.stderr.strip()[:200]}): "
+                    "needs root or unprivileged user namespaces")
+    return command
+
+
+def test_disk_full_exits_7_naming_it_and_leaves_no_temporary_file_and_nothing_complete(tmp_path, ct):
+    namespace = private_mount_command()
+    (tmp_path / "mnt").mkdir()
+    (tmp_path / "copy").mkdir()
+    # 20 KiB: the lock file, the user's file, segments.json and settings.json fit (a 4 KiB page each), the
+    # first snapshot (two pages) does not: the run fails in a real stage, after the initial segmentation.
+    worker = worker_command("refine", "--input", str(ct), "--model", "demo", "--progress", "json",
+                            "--device", "cpu", *TINY)
+    result = subprocess.run([*namespace, "sh", "-c", DISK_FULL, "sh", "20k", str(tmp_path / "mnt"),
+                             str(tmp_path / "copy"), *worker], capture_output=True, text=True, timeout=600,
+                            encoding="utf-8")
+    assert result.returncode not in (90, 91, 92), result.stderr[-1500:]
+    events = parse_events(result.stdout)
+    error = check_failure(result, events, 7, "disk", "no space left on its disk")
+    for snapshot in (event for event in events if event["event"] == "snapshot"):  # announced means intact
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "copy" / Path(snapshot["path"]).name)))
+    assert "snapshot_0000.nrrd" in error["message"], error
+    left = sorted(path.name for path in (tmp_path / "copy").iterdir())
+    assert (tmp_path / "copy" / "notes.txt").read_text(encoding="utf-8") == "mine", "the user's file is untouched"
+    assert not [name for name in left if name.startswith(".")], f"temporary or lock files left: {left}"
+    assert left == ["notes.txt", "segments.json", "settings.json"], f"nothing that looks complete: {left}"
 
 
 # 3. Zip packages.
@@ -328,3 +379,30 @@ def test_slicer_side_counts_a_result_complete_only_by_its_report(tmp_path):
     assert not resultIsComplete(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps({"partial": False}), encoding="utf-8")
     assert resultIsComplete(tmp_path)
+
+
+# The contract: the exit codes and error kinds documented are the ones the worker uses.
+
+def test_documented_exit_codes_and_error_kinds_match_the_protocol():
+    from isseg import errors, protocol
+    from isseg.commands.refine import EXIT_CODES_HELP
+
+    root = Path(__file__).resolve().parents[1]
+    codes = {value: name for name, value in vars(protocol).items() if name.startswith("EXIT_")}
+    assert sorted(codes) == list(range(len(codes))), codes
+    text = (root / "docs" / "worker-protocol.md").read_text(encoding="utf-8")
+    table = text.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = [int(row.split("|")[1]) for row in table.splitlines() if row.startswith("| ") and row[2].isdigit()]
+    assert documented == sorted(codes), f"docs/worker-protocol.md lists {documented}, isseg.protocol {sorted(codes)}"
+    helped = [int(line.split()[0]) for line in EXIT_CODES_HELP.splitlines()[1:] if line.strip()]
+    assert helped == sorted(codes), "isseg refine --help lists other exit codes"
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    for code in codes:
+        assert f"{code} " in readme.split("exit code says what went wrong:", 1)[1][:400], f"README lacks exit {code}"
+    kinds = {error.kind for error in vars(errors).values()
+             if isinstance(error, type) and issubclass(error, errors.IssegError)} | {"usage"}
+    event_row = next(row for row in text.splitlines() if row.startswith("| `error` |"))
+    assert set(re.findall(r"`(\w+)`", event_row.split("`kind`", 1)[1].split(")", 1)[0])) == kinds
+    for error in vars(errors).values():
+        if isinstance(error, type) and issubclass(error, errors.IssegError):
+            assert error.exit_code in codes, error

@@ -6,7 +6,9 @@ with the voxels. Arrays taken from them are (z, y, x), as SimpleITK gives them.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +20,8 @@ from .dicom_series import read_series
 from .errors import BadInputError, DiskError
 
 READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# A write that fails with less free space than this on the disk failed for want of space.
+LOW_SPACE_BYTES = 64 * 2**20
 
 
 def read_image(path: str | os.PathLike) -> sitk.Image:
@@ -97,8 +101,8 @@ def check_ct_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write `image` to `path` so that a reader never sees a half-written file.
 
-    The image is written to a temporary file in the same folder and renamed over `path`.
-    Raises DiskError when the folder is not writable or the disk is full.
+    The image is written to a temporary file in the same folder, read back and renamed over `path`.
+    Raises DiskError when the folder is not writable or the disk is full (no temporary file is left).
     """
     path = Path(path)
     suffix = "".join(path.suffixes) or ".nrrd"
@@ -106,14 +110,25 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: boo
         handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
         os.close(handle)
         sitk.WriteImage(image, temporary, compress)
+        if not _reads_back_as(temporary, image):
+            raise OSError(errno.EIO, "the file written is incomplete")
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:
         if "temporary" in locals() and os.path.exists(temporary):
             os.remove(temporary)
-        raise DiskError(
-            f"Could not write '{path}' ({last_line(error)}). Free disk space or choose another output folder."
-        ) from None
+        raise write_error(path, error) from None
     return path
+
+
+def _reads_back_as(path: str, image: sitk.Image) -> bool:
+    """True when the file at `path` holds `image`'s voxels. ITK's writers can leave a file cut short on a
+    full disk without an error (NrrdIO ignores a failed final flush), so a written file is read back."""
+    try:
+        written = sitk.ReadImage(path)
+    except RuntimeError:
+        return False
+    return written.GetSize() == image.GetSize() and np.array_equal(sitk.GetArrayViewFromImage(written),
+                                                                   sitk.GetArrayViewFromImage(image))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
@@ -127,10 +142,23 @@ def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     except OSError as error:
         if "temporary" in locals() and os.path.exists(temporary):
             os.remove(temporary)  # e.g. the disk is full: leave no temporary file behind
-        raise DiskError(
-            f"Could not write '{path}' ({error.strerror}). Free disk space or choose another output folder."
-        ) from None
+        raise write_error(path, error) from None
     return path
+
+
+def write_error(path: Path, error: Exception) -> DiskError:
+    """The DiskError for a failed write of `path`; it says when the disk is full: ENOSPC/EDQUOT, or less than
+    LOW_SPACE_BYTES free after the failure (ITK's writers report a failed flush without the errno)."""
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else last_line(error)
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if getattr(error, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or (free is not None and free < LOW_SPACE_BYTES):
+        space = "" if free is None else f", {free / 2**20:.1f} MiB free"
+        return DiskError(f"Could not write '{path}': no space left on its disk ({reason}{space}). Free disk space or "
+                         "choose an output folder on another disk.")
+    return DiskError(f"Could not write '{path}' ({reason}). Free disk space or choose another output folder.")
 
 
 def reorient(image: sitk.Image, orientation: str) -> sitk.Image:
