@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -116,6 +118,51 @@ def test_a_second_run_into_a_locked_folder_exits_7_naming_the_holder(tmp_path, c
     error = check_failure(result, events, 7, "output_folder", "Another run")
     assert f"process {os.getpid()}" in error["message"]
     assert not (output / ".isseg-run.lock").exists(), "the lock file goes with the run that held it"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGSTOP/SIGCONT are POSIX")
+def test_two_real_runs_into_one_folder_the_second_exits_7_and_the_result_is_the_firsts(tmp_path, ct):
+    """The first worker is stopped (SIGSTOP) while it holds the folder, so the second surely meets it; the
+    second works on another (cropped) CT with other settings, so every result file tells whose it is."""
+    output, cropped = tmp_path / "out", tmp_path / "cropped.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(ct))[:40], str(cropped))
+    with open(tmp_path / "first.out", "w", encoding="utf-8") as stdout:
+        first = subprocess.Popen(worker_command(
+            "refine", "--input", str(ct), "--model", "demo", "--output", str(output), "--progress", "json",
+            "--device", "cpu", "--seed", "11", *TINY), stdout=stdout, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while f'"pid": {first.pid},' not in _text_or_empty(output / ".isseg-run.lock"):
+            assert first.poll() is None and time.monotonic() < deadline, "the first run never locked the folder"
+            time.sleep(0.2)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            result, events = refine(cropped, output, "--seed", "22", "--steps", "3")
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=600) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    error = check_failure(result, events, 7, "output_folder", f"process {first.pid}")
+    assert not [event for event in events if event["event"] == "snapshot"]
+    first_events = parse_events((tmp_path / "first.out").read_text(encoding="utf-8"))
+    assert first_events[-1]["event"] == "done", first_events[-3:]
+    settings = json.loads((output / "settings.json").read_text(encoding="utf-8"))
+    assert settings["seed"] == 11 and settings["refine"]["steps"] == 2 and settings["input"] == str(ct), error
+    report = json.loads((output / "report.json").read_text(encoding="utf-8"))
+    snapshots = [event for event in first_events if event["event"] == "snapshot"]
+    assert report["partial"] is False and report["snapshots"] == len(snapshots)
+    assert sitk.ReadImage(str(output / "labelmap.nrrd")).GetSize() == sitk.ReadImage(str(ct)).GetSize()
+    assert sorted(p.name for p in output.glob("snapshot_*")) == [Path(e["path"]).name for e in snapshots]
+    assert not (output / ".isseg-run.lock").exists()
+
+
+def _text_or_empty(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
 
 
 def test_overwrite_removes_report_first_and_a_killed_run_leaves_nothing_complete(tmp_path, ct):
@@ -360,8 +407,6 @@ def test_sigterm_in_the_first_second_exits_6_with_an_event(tmp_path, ct):
     process = subprocess.Popen(worker_command("refine", "--input", str(ct), "--model", "demo", "--output",
                                               str(tmp_path / "out"), "--progress", "json", "--device", "cpu"),
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, encoding="utf-8")
-    import time
-
     time.sleep(0.5)
     process.terminate()
     stdout, _ = process.communicate(timeout=120)
