@@ -8,9 +8,9 @@ package and, in a separate process, by the `isseg` engine (so torch is never loa
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import qt
 import slicer
 import vtk
@@ -26,9 +26,11 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from InferenceSpecificSegLib import dependencies, models
-from InferenceSpecificSegLib.logic import RefinementLogic, RunState
+from InferenceSpecificSegLib.logic import RefinementLogic, RunState, isDemoPhantom, markAsDemoPhantom
+from InferenceSpecificSegLib.protocol import readSegmentsFile
+from InferenceSpecificSegLib.segmentation import addLabelmapAsSegmentation
 from InferenceSpecificSegLib.settings import AlignmentMode, Device, Loss, RunSettings
-from InferenceSpecificSegLib.worker import WorkerError, WorkerTask, deviceInfoFromTask, workerEnvironment
+from InferenceSpecificSegLib.worker import WorkerError, WorkerTask, WorkerTaskPoller, deviceInfoFromTask, workerEnvironment
 
 
 # Each library module after the ones it imports (onReload reloads them in this order).
@@ -93,7 +95,6 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._deviceInfo = None  # the worker's answer to `isseg devices` (asked once, in the background)
-        self._deviceQuery = None  # the WorkerTask asking it, while it runs
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -114,13 +115,16 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
         self.ui.runFolderLabel.connect("linkActivated(QString)", self.onRunFolderLink)
+        self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantomButton)
+        self.ui.demoWarningLabel.text = _(
+            "The demo model is trained on generated phantoms and will not find organs on a real CT. Press "
+            "'Load demo phantom' to see what it does, or add a model package trained on real CTs.")
 
         self.pollTimer = qt.QTimer()
         self.pollTimer.setInterval(self.POLL_INTERVAL_MS)
         self.pollTimer.connect("timeout()", self.onPollTimer)
-        self.deviceTimer = qt.QTimer()
-        self.deviceTimer.setInterval(self.POLL_INTERVAL_MS)
-        self.deviceTimer.connect("timeout()", self.onDeviceTimer)
+        self.devicePoller = WorkerTaskPoller(qt.QTimer(), self.onDeviceAnswer, self.POLL_INTERVAL_MS)
+        self.phantomPoller = WorkerTaskPoller(qt.QTimer(), self.onPhantomWritten, self.POLL_INTERVAL_MS)
 
         self.refreshModelList()
         self.initializeParameterNode()
@@ -142,9 +146,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         """Slicer is unloading the module (on exit, before it deletes the scene, whose destructor closes it once
         more): end the run and leave nothing connected to the scene, the parameter node included."""
         self.pollTimer.stop()
-        self.deviceTimer.stop()
-        if self._deviceQuery is not None:
-            self._deviceQuery.stop()
+        self.devicePoller.stop()
+        self.phantomPoller.stop()
         self.logic.run.stopNow()
         self.setParameterNode(None)
         self.removeObservers()
@@ -192,6 +195,9 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.ui.modelComboBox.currentIndex = index
         # Network kind, labels, atlas size, licence and citation of the selected model (read from model.json).
         self.ui.modelComboBox.toolTip = models.modelDetailsText(self._parameterNode.model)
+        volume = self._parameterNode.inputVolume
+        self.ui.demoWarningLabel.visible = bool(self._parameterNode.model == models.DEMO_MODEL and volume
+                                                and not isDemoPhantom(volume))
         if self._deviceInfo is not None:
             self.ui.deviceInfoLabel.text = self._deviceInfo.describe(self._parameterNode.device.value)
         self.showStatus()
@@ -295,22 +301,17 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def startDeviceQuery(self) -> None:
         """Ask the worker in the background which device it can use (`isseg devices` imports torch: seconds);
-        onDeviceTimer shows the answer. Once answered it is not asked again; after a failure the next Start asks."""
-        if self._deviceInfo is not None or self._deviceQuery is not None:
+        onDeviceAnswer shows the answer. Once answered it is not asked again; after a failure the next Start asks."""
+        if self._deviceInfo is not None or self.devicePoller.busy:
             return
         try:
-            self._deviceQuery = self.logic.startDeviceQuery()
+            self.devicePoller.start(self.logic.startDeviceQuery())
         except WorkerError as error:
             self.ui.deviceInfoLabel.text = _("Device unknown: {error}").format(error=error)
             return
         self.ui.deviceInfoLabel.text = _("Checking which device the worker can use...")
-        self.deviceTimer.start()
 
-    def onDeviceTimer(self) -> None:
-        if not self._deviceQuery.poll():
-            return
-        self.deviceTimer.stop()
-        query, self._deviceQuery = self._deviceQuery, None
+    def onDeviceAnswer(self, query) -> None:
         try:
             self._deviceInfo = deviceInfoFromTask(query)
         except WorkerError as error:
@@ -319,6 +320,30 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         shutil.rmtree(query.directory, ignore_errors=True)
         if self._parameterNode:
             self.ui.deviceInfoLabel.text = self._deviceInfo.describe(self._parameterNode.device.value)
+
+    def onLoadPhantomButton(self) -> None:
+        """Generate the demo phantom in a worker process (the engine's `isseg phantom`); onPhantomWritten loads it."""
+        try:
+            self.phantomPoller.start(self.logic.startWorkerTask(["phantom", "--output", "."]))  # into the task's folder
+        except WorkerError as error:
+            slicer.util.errorDisplay(str(error), windowTitle=_("Could not generate the demo phantom"))
+            return
+        self.ui.loadPhantomButton.enabled = False
+        self.ui.loadPhantomButton.text = _("Generating the demo phantom...")
+
+    def onPhantomWritten(self, task) -> None:
+        self.ui.loadPhantomButton.enabled = True
+        self.ui.loadPhantomButton.text = _("Load demo phantom")
+        written = task.lastEvent("done")
+        if written is None:
+            slicer.util.errorDisplay(_("The demo phantom could not be generated: {reason}").format(reason=task.failureText()),
+                                     windowTitle=_("Could not generate the demo phantom"))
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not load the demo phantom."), waitCursor=True):
+            volumeNode = self.logic.loadDemoPhantom(written)
+            self._parameterNode.model = models.DEMO_MODEL
+            self._parameterNode.inputVolume = volumeNode
+            slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
 
     def ensureDependencies(self) -> bool:
         """Offer to install missing Python packages; True when all are there afterwards."""
@@ -392,36 +417,23 @@ class InferenceSpecificSegLogic(ScriptedLoadableModuleLogic):
         """`isseg devices` in a worker process (it imports torch: seconds), to be polled (deviceInfoFromTask)."""
         return self.startWorkerTask(["devices"])
 
+    def loadDemoPhantom(self, written: dict):
+        """Add the phantom that `isseg phantom` wrote (its done event `written`: ct, truth, segments paths): the CT,
+        marked as the module's phantom (markAsDemoPhantom), and its truth as a segmentation. Returns the CT node."""
+        volumeNode = slicer.util.loadVolume(written["ct"], {"name": _("Demo phantom CT"), "show": False})
+        markAsDemoPhantom(volumeNode)
+        addLabelmapAsSegmentation(slicer.mrmlScene, volumeNode, Path(written["truth"]),
+                                  readSegmentsFile(Path(written["segments"])), _("Demo phantom truth"))
+        return volumeNode
+
     def startWorkerTask(self, arguments: list, timeoutSeconds: float = 120.0) -> WorkerTask:
         """A short worker command in the background, in a private folder of Slicer's temporary folder."""
         return WorkerTask(self.run.pythonExecutable, arguments, workerEnvironment(self.run.moduleDirectory),
                           self.run.workDirectory, timeoutSeconds)
 
 
-def addSyntheticAbdomenVolume(name: str = "ISL test CT"):
-    """Add a small CT-like volume in HU to the scene: air, an elliptic body of fat and muscle, and
-    organ-like blobs (liver, spleen, kidneys, aorta, spine), 4 mm voxels. Returns the volume node."""
-    rng = np.random.default_rng(0)
-    k, j, i = np.mgrid[0:40, 0:64, 0:64].astype(np.float32)
-    voxels = np.full(k.shape, -1000.0, np.float32)
-
-    def ellipsoid(center, radii):
-        return sum(((axis - c) / r) ** 2 for axis, c, r in zip((i, j, k), center, radii)) <= 1
-
-    voxels[ellipsoid((32, 32, 20), (29, 21, 60))] = -90.0  # body: subcutaneous fat
-    voxels[ellipsoid((32, 32, 20), (26, 18, 60))] = 50.0  # muscle and soft tissue
-    organs = [((21, 28, 20), (10, 9, 10), 110.0), ((45, 27, 22), (5, 6, 6), 120.0), ((23, 40, 18), (3, 5, 5), 155.0),
-              ((41, 40, 18), (3, 5, 5), 155.0), ((32, 36, 20), (2, 2, 60), 160.0), ((32, 45, 20), (4, 3, 60), 450.0)]
-    for center, radii, hounsfield in organs:
-        voxels[ellipsoid(center, radii)] = hounsfield
-    voxels += rng.normal(0.0, 12.0, voxels.shape)
-    volumeNode = slicer.util.addVolumeFromArray(voxels.astype(np.int16), name=name)
-    volumeNode.SetSpacing(4.0, 4.0, 4.0)
-    return volumeNode
-
-
 class InferenceSpecificSegTest(ScriptedLoadableModuleTest):
-    """Runs the built-in demo model on a synthetic CT and follows the live result."""
+    """Runs the built-in demo model on the demo phantom (generated by the worker) and follows the live result."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -430,18 +442,26 @@ class InferenceSpecificSegTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_LiveRefinementWithDemoModel()
 
+    def waitFor(self, isActive, minutes: float) -> None:
+        deadline = time.monotonic() + 60 * minutes
+        while isActive():
+            self.assertLess(time.monotonic(), deadline, f"Took more than {minutes} minutes")
+            slicer.app.processEvents()
+            time.sleep(0.1)
+
     def test_LiveRefinementWithDemoModel(self):
         missing = dependencies.missingPackages()
         if missing:
             self.skipTest(f"Python packages not installed: {', '.join(missing)} (press Start in the module once)")
-        self.delayDisplay("Starting a run of the demo model on a synthetic CT")
+        self.delayDisplay("Generating the demo phantom")
         logic = InferenceSpecificSegLogic()
-        logic.run.start(addSyntheticAbdomenVolume(), models.DEMO_MODEL, RunSettings(steps=20, device=Device.CPU))
-        deadline = time.monotonic() + 900
-        while logic.run.poll().active:
-            self.assertLess(time.monotonic(), deadline, "The run took more than 15 minutes")
-            slicer.app.processEvents()
-            time.sleep(0.1)
+        task = logic.startWorkerTask(["phantom", "--output", "."])
+        self.waitFor(lambda: not task.poll(), minutes=5)
+        self.assertIsNotNone(task.lastEvent("done"), task.failureText())
+        volumeNode = logic.loadDemoPhantom(task.lastEvent("done"))
+        self.delayDisplay("Starting a run of the demo model on the phantom")
+        logic.run.start(volumeNode, models.DEMO_MODEL, RunSettings(steps=20, device=Device.CPU))
+        self.waitFor(lambda: logic.run.poll().active, minutes=15)
         status = logic.run.status
         self.assertEqual(status.state, RunState.DONE, status.message)
         self.assertGreaterEqual(status.resultsLoaded, 2, "The segmentation should have been updated at least twice")

@@ -227,9 +227,44 @@ def test_start_does_not_wait_for_the_device_answer_which_is_shown_when_it_comes(
     widget.ui.startButton.click()
     assert time.monotonic() - started < 1.0 and widget.logic.run.status.active
     assert widget.ui.deviceInfoLabel.text == "Checking which device the worker can use..."
-    runEventLoop(slicerApp, lambda: not widget.deviceTimer.isActive())
+    runEventLoop(slicerApp, lambda: not widget.devicePoller.busy)
     assert widget.ui.deviceInfoLabel.text == "Runs on the CPU (no CUDA GPU found); expect several minutes per run."
     assert widget.logic.run.status.active  # the run went on meanwhile
     runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
     assert widget.logic.run.status.state.value == "done"
     assert not list(slicerApp.tmp.glob("temporary/InferenceSpecificSeg-devices-*"))  # answered: its folder is gone
+
+
+def test_demo_on_a_real_ct_is_flagged_and_load_demo_phantom_adds_the_phantom_and_its_truth(slicerApp, volumeNode):
+    module, widget = loadModule(slicerApp)
+    widget.logic.run.pythonExecutable = sys.executable  # the real engine's `isseg phantom`
+    assert widget._parameterNode.model == "demo" and widget._parameterNode.inputVolume is volumeNode
+    assert widget.ui.demoWarningLabel.visible
+    assert "trained on generated phantoms and will not find organs on a real CT" in widget.ui.demoWarningLabel.text
+    pickVolumeAndModel(widget, volumeNode, "fake")  # another model: no warning
+    assert not widget.ui.demoWarningLabel.visible
+
+    widget.ui.loadPhantomButton.click()
+    assert not widget.ui.loadPhantomButton.enabled  # generating, in a worker process
+    runEventLoop(slicerApp, lambda: not widget.phantomPoller.busy, seconds=300)
+    assert slicerApp.dialogs.shown == []
+    assert widget.ui.loadPhantomButton.enabled and widget.ui.loadPhantomButton.text == "Load demo phantom"
+    phantomNode = widget._parameterNode.inputVolume
+    assert phantomNode is not volumeNode and phantomNode.GetName() == "Demo phantom CT"
+    assert widget._parameterNode.model == "demo" and not widget.ui.demoWarningLabel.visible
+    assert module.isDemoPhantom(phantomNode) and not module.isDemoPhantom(volumeNode)
+    assert phantomNode.GetImageData().GetDimensions() == (96, 96, 64) and phantomNode.GetStorageNode() is not None
+
+    truth = slicerApp.scene.GetFirstNodeByName("Demo phantom truth")
+    names = [truth.GetSegmentation().GetNthSegment(i).GetName() for i in range(truth.GetSegmentation().GetNumberOfSegments())]
+    assert names == ["liver", "spleen", "kidney_left", "kidney_right", "aorta", "gallbladder"]
+    import SimpleITK as sitk
+
+    from slicer_test_support import exportSegmentVoxels, segmentIds
+
+    truthFile = sitk.GetArrayFromImage(sitk.ReadImage(str(next(slicerApp.tmp.glob("temporary/*phantom*/truth.nrrd")))))
+    exported = exportSegmentVoxels(slicerApp.scene, truth, segmentIds(truth), phantomNode)
+    assert np.array_equal(exported, truthFile)
+
+    widget.ui.inputVolumeSelector.setCurrentNode(volumeNode)  # back to the real CT: the warning again
+    assert widget.ui.demoWarningLabel.visible

@@ -21,6 +21,19 @@ from .worker import WorkerProcess, readLogTail, workerCommand, workerEnvironment
 MODULE_DIRECTORY = Path(__file__).resolve().parent.parent  # holds the isseg package
 
 
+# Set on the CT that the panel's "Load demo phantom" added (saved with the scene): the demo model works on it.
+DEMO_PHANTOM_ATTRIBUTE = "InferenceSpecificSeg.DemoPhantom"
+
+
+def markAsDemoPhantom(volumeNode) -> None:
+    volumeNode.SetAttribute(DEMO_PHANTOM_ATTRIBUTE, "1")
+
+
+def isDemoPhantom(volumeNode) -> bool:
+    """True for a volume the module generated as the demo model's phantom; a real CT the demo model cannot segment."""
+    return volumeNode.GetAttribute(DEMO_PHANTOM_ATTRIBUTE) == "1"
+
+
 class RunState(enum.Enum):
     IDLE = "idle"
     RUNNING = "running"

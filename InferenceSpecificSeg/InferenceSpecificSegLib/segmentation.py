@@ -171,6 +171,14 @@ class LiveSegmentation:
         return segmentId
 
 
+def addLabelmapAsSegmentation(scene, volumeNode, labelmapPath: Path, segments: list, name: str):
+    """A new segmentation node `name` on the grid of `volumeNode` holding the labelmap file `labelmapPath` as
+    `segments` (protocol.SegmentDescription: names, colors, terminology), e.g. a phantom's truth. Returns it."""
+    segmentation = LiveSegmentation(scene, volumeNode, name)
+    segmentation.update(labelmapPath, segments)
+    return segmentation.node
+
+
 def _renumberLabels(labelmapNode, values: list) -> None:
     """Map label `values[i]` to i + 1 (the import maps value i + 1 to the i-th segment ID) and any other
     value to 0, in place."""

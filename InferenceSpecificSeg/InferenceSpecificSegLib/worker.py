@@ -270,6 +270,39 @@ class WorkerTask:
         self._worker.kill()
 
 
+class WorkerTaskPoller:
+    """Polls one WorkerTask at a time from `timer` (a QTimer of the panel, given so that this module needs no Qt)
+    every `intervalMilliseconds`, and calls `finished(task)` once the task has exited."""
+
+    def __init__(self, timer, finished, intervalMilliseconds: int):
+        self.task: Optional[WorkerTask] = None
+        self._finished = finished
+        self.timer = timer
+        self.timer.setInterval(intervalMilliseconds)
+        self.timer.connect("timeout()", self._poll)
+
+    @property
+    def busy(self) -> bool:
+        return self.task is not None
+
+    def start(self, task: WorkerTask) -> None:
+        self.task = task
+        self.timer.start()
+
+    def stop(self) -> None:
+        """Stop polling and end the task's worker (the module is being unloaded)."""
+        self.timer.stop()
+        if self.task is not None:
+            self.task.stop()
+            self.task = None
+
+    def _poll(self) -> None:
+        if self.task.poll():
+            self.timer.stop()
+            task, self.task = self.task, None
+            self._finished(task)
+
+
 def deviceInfoFromTask(task: WorkerTask) -> DeviceInfo:
     """The answer of a finished `devices` task (started with WorkerTask(..., ["devices"], ...)); raises
     WorkerError with what went wrong when it gave none."""

@@ -1,4 +1,4 @@
-"""The `isseg` command: refine (the worker), train, package, demo, evaluate, devices.
+"""The `isseg` command: refine (the worker), train, package, demo, evaluate, devices, phantom.
 
     isseg refine --input CT --model PACKAGE --output DIR     inference-specific segmentation of one CT
     isseg train  --dataset MSD_FOLDER --output PACKAGE       build a model package from labelled cases
@@ -6,6 +6,7 @@
     isseg demo   --output DIR                                the method on a built-in phantom, with a report
     isseg evaluate --cases MSD_FOLDER --model PACKAGE ...    per-case, per-organ comparison of methods
     isseg devices                                            which device a run would use
+    isseg phantom --output DIR                               the demo's generated CT and its true organs
 
 Progress goes to stdout as JSON lines (the worker protocol, docs/worker-protocol.md) or, in a
 terminal, as a progress bar. Exit codes are listed in `isseg refine --help`.

@@ -32,7 +32,7 @@ from .events import EventWriter
 from .pipeline import RunResult, refine_with_fallback, settings_record
 from .refinement import RefineSettings
 from .timing import StageTimer
-from .io import write_image_atomic, write_text_atomic
+from .io import write_text_atomic
 from .metrics import dice_per_label
 from .reporting import format_number, markdown_table, rounded_or_none, tell, write_csv
 
@@ -56,8 +56,7 @@ def run_demo(output: Path, model_path: Path, settings: RefineSettings, events: E
     events.emit(protocol.EVENT_STAGE, stage="generate", seed=seed)
     spec = phantom.shifted_spec(seed)
     case = phantom.generate(spec)
-    ct_path = write_image_atomic(sitk.Cast(case.image, sitk.sitkInt16), output / "ct.nrrd")
-    write_image_atomic(case.labels, output / "truth.nrrd")
+    ct_path, _ = phantom.write_case(case, output)
     timer.stop()
     result = refine_with_fallback(ct_path, model_path, output / "refine", settings, events, device, seed, largest_component)
     refine_report = json.loads(result.report.read_text(encoding="utf-8"))

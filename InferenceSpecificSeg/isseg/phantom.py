@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .datasets import write_msd_case, write_msd_dataset_json
+from .io import write_image_atomic
 from .terminology import describe_label
 
 ORGAN_NAMES = ("liver", "spleen", "kidney_left", "kidney_right", "aorta", "gallbladder")
@@ -211,6 +212,12 @@ def _intensities(tissue, labels, hu, spec: PhantomSpec, rng: np.random.Generator
     noise = ndimage.gaussian_filter(noise, 0.5)
     noise *= spec.noise_hu / max(noise.std(), 1e-6)
     return image + noise
+
+
+def write_case(case: Phantom, folder: Path) -> tuple[Path, Path]:
+    """Write `case` into `folder` as ct.nrrd (int16 HU) and truth.nrrd (its labels, uint8); returns both paths."""
+    ct_path = write_image_atomic(sitk.Cast(case.image, sitk.sitkInt16), Path(folder) / "ct.nrrd")
+    return ct_path, write_image_atomic(case.labels, Path(folder) / "truth.nrrd")
 
 
 def write_msd_dataset(folder, specs: Sequence[PhantomSpec], name: str = "phantoms") -> Path:

@@ -36,6 +36,32 @@ class _ModuleManager:
         self.moduleAboutToBeUnloaded = qt.Signal()
 
 
+class CoreIOManager:
+    """slicer.app.coreIOManager(), which slicer.util.loadVolume calls: reads a "VolumeFile" as Slicer 5.8.1's
+    qSlicerVolumesReader::load does (vtkSlicerVolumesLogic.AddArchetypeVolume with the node name, default the
+    file's base name, and the option bits of labelmap, center, singleFile, autoWindowLevel, discardOrientation)."""
+
+    OPTION_BITS = (("labelmap", 0x1), ("center", 0x2), ("singleFile", 0x4), ("autoWindowLevel", 0x8),
+                   ("discardOrientation", 0x10))
+
+    def fileType(self, fileName):
+        return "VolumeFile" if str(fileName).endswith((".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")) else "NoFile"
+
+    def loadNodes(self, fileType, properties, loadedNodes, userMessages=None):
+        import slicer
+
+        if fileType != "VolumeFile":
+            raise RuntimeError(f"the stand-in reads no {fileType}")
+        fileName = properties["fileName"]
+        logic = slicer.vtkSlicerVolumesLogic()
+        logic.SetMRMLScene(slicer.mrmlScene)
+        options = sum(bit for key, bit in self.OPTION_BITS if properties.get(key))
+        node = logic.AddArchetypeVolume(fileName, properties.get("name", Path(fileName).name.split(".")[0]), options, None)
+        if node is not None:
+            loadedNodes.AddItem(node)
+        return node is not None
+
+
 class Application:
     """slicer.app: the paths and the event loop the module uses. `processEvents` fires due QTimers."""
 
@@ -43,6 +69,7 @@ class Application:
         self.temporaryPath = str(temporaryDirectory)
         self.slicerUserSettingsFilePath = str(Path(settingsDirectory) / "Slicer.ini")
         self._moduleManager = _ModuleManager()
+        self._coreIOManager = CoreIOManager()
         self.selectedModule, self.modulePaths = None, {}
 
     def selectModule(self, name):
@@ -53,6 +80,9 @@ class Application:
 
     def moduleManager(self):
         return self._moduleManager
+
+    def coreIOManager(self):
+        return self._coreIOManager
 
     def processEvents(self):
         import qt
