@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from isseg.postprocess import keep_largest_component, labels_on_grid, probabilities_to_labels
@@ -56,6 +57,22 @@ def test_keep_largest_component_only_for_single_component_organs():
     assert not result[7:9, 7:9, 7:9].any(), "the small separate liver piece must become background"
     np.testing.assert_array_equal(result == 2, labelmap == 2, err_msg="a multi-piece organ must keep every piece")
     assert np.count_nonzero(labelmap == 1) == 73, "the input must not be changed in place"
+
+
+def test_keep_largest_component_is_what_monai_keeps_with_full_connectivity():
+    pytest.importorskip("skimage")  # MONAI's transform needs it; the engine does not
+    from monai.transforms import KeepLargestConnectedComponent
+
+    labels = [{"value": 1, "name": "liver", "single_component": True}, {"value": 2, "name": "bowel"},
+              {"value": 3, "name": "spleen", "single_component": True}]
+    monai_keep = KeepLargestConnectedComponent(applied_labels=[1, 3], is_onehot=False, independent=True, connectivity=3)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        # ~50 pieces per label with 26 neighbours, ~100 with 6: a connectivity mismatch would show
+        labelmap = np.where(rng.random((12, 12, 12)) < 0.2, rng.integers(1, 4, (12, 12, 12)), 0).astype(np.uint8)
+        expected = np.asarray(monai_keep(labelmap[None].copy()))[0]
+        np.testing.assert_array_equal(keep_largest_component(labelmap, labels), expected)
+    np.testing.assert_array_equal(keep_largest_component(blobs(), labels), np.asarray(monai_keep(blobs()[None]))[0])
 
 
 def test_labels_on_grid_applies_largest_component_on_the_target_grid():

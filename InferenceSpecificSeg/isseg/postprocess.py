@@ -32,6 +32,8 @@ def probabilities_to_labels(probabilities: np.ndarray, labels: list[dict]) -> np
 def keep_largest_component(labelmap: np.ndarray, labels: list[dict]) -> np.ndarray:
     """For each label marked `single_component` (an organ known to be one piece), keep only its
     largest 26-connected component; the removed voxels become background."""
+    # What MONAI's KeepLargestConnectedComponent(independent=True, connectivity=3) does, but that needs
+    # scikit-image, which is not among our dependencies; scipy ships with Slicer (test_postprocess compares).
     result = labelmap.copy()
     structure = np.ones((3, 3, 3), dtype=bool)
     for label in labels:
