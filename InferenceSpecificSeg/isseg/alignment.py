@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrelationLoss
 
+from .metrics import mean_dice
 from .protocol import ALIGN_MODES, DEFAULT_ALIGN_MODE
 
 
@@ -248,16 +249,6 @@ def _optimise(images: torch.Tensor, labels: torch.Tensor, target_image: torch.Te
     return theta.detach(), ddf.detach()
 
 
-def _hard_dice(labels: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
-    """Mean Dice over the foreground labels present in either labelmap (same shape, class indices)."""
-    counts = torch.bincount((labels.long() * num_classes + target.long()).flatten(),
-                            minlength=num_classes ** 2).view(num_classes, num_classes)
-    intersection = counts.diagonal()[1:].double()
-    total = (counts.sum(1) + counts.sum(0))[1:].double()
-    present = total > 0
-    return float((2 * intersection[present] / total[present]).mean()) if present.any() else 1.0
-
-
 def _warp_case(image: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor, ddf: torch.Tensor,
                ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Warp one case (1, 1, z, y, x) on the full grid: image bilinear, labels by the largest
@@ -316,7 +307,7 @@ def align_atlas(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], 
                                                 theta[case:case + 1], ddf[case:case + 1])
                 warped_images.append(image.cpu())
                 warped_labels.append(label.cpu())
-                dice.append(_hard_dice(label[0, 0], target_labels, num_classes))
+                dice.append(mean_dice(label[0, 0], target_labels, range(1, num_classes)))
                 folding.append(fold)
         thetas.append(theta.cpu())
         ddfs.append(ddf.cpu())

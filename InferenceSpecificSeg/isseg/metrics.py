@@ -1,11 +1,12 @@
 """Overlap and distance between labelmaps, per label (MONAI metrics).
 
-Inputs are (z, y, x) integer labelmaps on one grid; distances are in mm when `spacing_zyx` (mm)
+Inputs are (z, y, x) integer labelmaps on one grid (numpy arrays, or torch tensors for Dice); distances are in mm when `spacing_zyx` (mm)
 is given, else in voxels. A label absent from both maps has no score (NaN).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -13,10 +14,14 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
 
+def _mask(labelmap: np.ndarray | torch.Tensor, value: int) -> torch.Tensor:
+    """(1, 1, z, y, x) float mask of `value`; a tensor stays on its device."""
+    inside = labelmap == value if isinstance(labelmap, torch.Tensor) else torch.as_tensor(np.asarray(labelmap) == value)
+    return inside[None, None].float()
+
+
 def _one_hot_pair(prediction: np.ndarray, truth: np.ndarray, value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    p = torch.as_tensor(np.asarray(prediction) == value)[None, None].float()
-    t = torch.as_tensor(np.asarray(truth) == value)[None, None].float()
-    return p, t
+    return _mask(prediction, value), _mask(truth, value)
 
 
 def dice_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[int]) -> list[float]:
@@ -29,6 +34,12 @@ def dice_per_label(prediction: np.ndarray, truth: np.ndarray, values: Iterable[i
         else:
             scores.append(float(compute_dice(p, t, include_background=True, ignore_empty=False)[0, 0]))
     return scores
+
+
+def mean_dice(prediction: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tensor, values: Iterable[int]) -> float:
+    """Mean Dice over the label `values` present in either map; 1.0 when none is (nothing disagrees)."""
+    scores = [score for score in dice_per_label(prediction, truth, values) if not math.isnan(score)]
+    return float(np.mean(scores)) if scores else 1.0
 
 
 def binary_dice(a: np.ndarray, b: np.ndarray) -> float:

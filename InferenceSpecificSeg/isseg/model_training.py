@@ -31,7 +31,7 @@ from .events import EventWriter, RunClock
 from .inference import predict_probabilities
 from .io import resample_to
 from .losses import segmentation_loss
-from .metrics import dice_per_label
+from .metrics import binary_dice, dice_per_label
 from .networks.monai_net import build_monai_network
 from .optimisation import PatchSettings, train_step
 from .preprocess import image_tensor, to_model_grid, zyx
@@ -96,8 +96,7 @@ def choose_thresholds(probabilities: list[np.ndarray], truths: list[np.ndarray],
     for value in range(1, num_labels + 1):
         scores = []
         for threshold in THRESHOLD_CANDIDATES:
-            dices = [dice_per_label((p[value] >= threshold).astype(np.uint8), (t == value).astype(np.uint8), [1])[0]
-                     for p, t in zip(probabilities, truths)]
+            dices = [binary_dice(p[value] >= threshold, t == value) for p, t in zip(probabilities, truths)]
             scores.append(float(np.nanmean(dices)) if not np.all(np.isnan(dices)) else float("nan"))
         best = int(np.nanargmax(scores)) if not np.all(np.isnan(scores)) else None
         at_half = scores[int(np.argmin(np.abs(THRESHOLD_CANDIDATES - 0.5)))]
