@@ -1,5 +1,6 @@
-"""`isseg evaluate`: the scores and the statistics on hand-made examples, and one small run end to end
-(two phantom cases, two variants, a corrupt case that must show up as failed)."""
+"""`isseg evaluate`: the scores and the statistics on hand-made examples, one small run end to end
+(two phantom cases, two variants, a corrupt case that must show up as failed), and --resume after a
+worker killed between cases (real subprocesses)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from engine_support import LiveWorker, run_worker
 from isseg import cli, phantom
 from isseg.evaluate import BASELINES, CaseResult, paired_wilcoxon, score, summary_markdown
 from isseg.events import EventWriter
@@ -129,3 +131,68 @@ def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(tiny_package,
     assert events[-1]["event"] == "done" and events[-1]["failed_runs"] == len(methods)
     run_events = [event for event in events if event.get("method") == "isl_mask" and event.get("case") == "phantom_021"]
     assert run_events[0]["stage"] == "initial" and run_events[-1]["event"] == "done"
+
+
+RESUME_OPTIONS = ("--variants", "isl_mask", "--steps", "4", "--update-every", "2", "--rounds", "1",
+                  "--align-iterations", "5", "--seed", "3", "--device", "cpu", "--progress", "json")
+
+
+def evaluate_arguments(cases, package, output, *extra) -> list[str]:
+    return ["evaluate", "--cases", str(cases), "--model", str(package), "--output", str(output), *RESUME_OPTIONS,
+            *extra]
+
+
+def file_times(folder) -> dict:
+    return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
+
+
+def evaluate_in_process(capsys, *arguments) -> tuple[int, list[dict]]:
+    capsys.readouterr()
+    code = cli.main(list(arguments))
+    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_resume_after_a_kill_computes_only_the_unfinished_cases(tiny_package, cases, tmp_path, capsys):
+    code, _ = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, tmp_path / "uninterrupted"))
+    assert code == 0
+
+    output = tmp_path / "interrupted"
+    worker = LiveWorker(*evaluate_arguments(cases, tiny_package, output), stderr_path=tmp_path / "stderr.txt")
+    for event in worker.events():
+        if event["event"] == "progress" and event.get("stage") == "evaluate":
+            worker.process.kill()  # after the first case; the second may have begun
+            break
+    worker.finish()
+    assert [event["case"] for event in worker.received if event.get("stage") == "evaluate"] == ["phantom_020"]
+    assert not (output / "metrics.csv").exists()
+    first_case = file_times(output / "cases" / "phantom_020")
+
+    resumed, events = run_worker(*evaluate_arguments(cases, tiny_package, output, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert {event["case"]: event["read_back"] for event in events if event["event"] == "case"} == \
+           {"phantom_020": True, "phantom_021": False, "corrupt": False}
+    assert {event["case"] for event in events if event.get("method")} == {"phantom_021"}  # runs of case 2 only
+    assert file_times(output / "cases" / "phantom_020") == first_case
+    assert (output / "metrics.csv").read_text(encoding="utf-8") == \
+           (tmp_path / "uninterrupted" / "metrics.csv").read_text(encoding="utf-8")
+
+    # A finished evaluation resumed: only the failed case runs again.
+    code, events = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, output, "--resume"))
+    assert code == 0
+    assert [event["case"] for event in events if event["event"] == "case" and not event["read_back"]] == ["corrupt"]
+    assert not [event for event in events if event.get("method")]
+
+
+def test_an_earlier_evaluation_is_refused_without_resume_or_overwrite(tiny_package, cases, tmp_path, capsys):
+    output = tmp_path / "evaluation"
+    output.mkdir()
+    (output / "settings.json").write_text(json.dumps({"refine": {"steps": 99}}), encoding="utf-8")
+    code, events = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, output))
+    assert code == 7 and events[-1]["kind"] == "output_folder"
+    assert "--resume" in events[-1]["message"] and "--overwrite" in events[-1]["message"]
+    code, events = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, output, "--resume"))
+    assert code == 7 and "other settings" in events[-1]["message"] and "refine" in events[-1]["message"]
+    assert not (output / "cases").exists()  # refused before any run
+    with pytest.raises(SystemExit) as usage:
+        cli.main(evaluate_arguments(cases, tiny_package, output, "--resume", "--overwrite"))
+    assert usage.value.code == 2

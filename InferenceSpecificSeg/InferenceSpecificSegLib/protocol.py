@@ -10,18 +10,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from isseg.protocol import CANCEL_FILE, EXIT_CANCELLED, REPORT_FILE, SEGMENTS_FILE  # noqa: F401 (the shared contract)
+from isseg.protocol import result_is_complete as resultIsComplete  # noqa: F401 (the completeness rule)
 
 from .i18n import tr as _
-
-
-def resultIsComplete(outputDirectory: Union[str, Path]) -> bool:
-    """The completeness rule (docs/worker-protocol.md): a run's result is complete only when its
-    report.json, written last, exists and says `"partial": false`."""
-    try:
-        report = json.loads((Path(outputDirectory) / REPORT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and report.get("partial") is False
 
 
 class ProtocolError(Exception):

@@ -21,6 +21,12 @@ Files in the output folder:
     dice_boxplot.png   Dice per method, one panel per organ and one for the mean over organs
     settings.json      every setting, the seed and the library versions
     cases/CASE/METHOD/ each run's own output (labelmap, snapshots, report, settings)
+    cases/CASE/case.json  the case's scores and errors, written after its runs
+
+An output folder that holds an earlier evaluation (its settings.json) is refused unless --resume or
+--overwrite is given. --resume finishes it with the same settings: a case whose results are complete
+(case.json scores every method, and each run's report.json says "partial": false) is read back, not
+recomputed; the other cases are run again. --overwrite starts over.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch
 from . import model_package, protocol
 from .alignment import align_atlas
 from .datasets import read_labelled_case, read_msd_dataset
-from .errors import BadInputError, DiskError, IssegError
+from .errors import BadInputError, DiskError, IssegError, OutputFolderError
 from .events import EventWriter, RunClock
 from .io import labelmap_like, resample_to, write_image_atomic, write_text_atomic
 from .metrics import dice_per_label, hd95_per_label
@@ -81,6 +87,7 @@ BASELINE_DESCRIPTIONS = {
 }
 REFERENCE_METHOD = "initial"
 MEAN = "mean"  # the per-case mean over organs, shown next to the organs
+CASE_RECORD = "case.json"  # cases/CASE/case.json: the case's scores and errors (what --resume reads back)
 
 
 @dataclass
@@ -222,10 +229,12 @@ class Case:
     organs: dict[int, str]
 
 
-def evaluate_case(case: Case, evaluation: Evaluation, output: Path, events: EventWriter) -> CaseResult:
+def evaluate_case(case: Case, evaluation: Evaluation, output: Path, events: EventWriter,
+                  overwrite: bool = False) -> CaseResult:
     """Run every method on one case and score it. Errors are recorded in the result, never raised:
     a case that cannot be read fails every method, a run that fails fails its own method, and the
-    baselines come from the first run that completed (they fail too if none did)."""
+    baselines come from the first run that completed (they fail too if none did). `overwrite`: the runs
+    replace what earlier runs left in their folders."""
     result = CaseResult(case.case_id)
     try:
         truth, spacing = read_truth(case.image_path, case.label_path, case.names, case.lookup)
@@ -242,7 +251,8 @@ def evaluate_case(case: Case, evaluation: Evaluation, output: Path, events: Even
 
     for variant in evaluation.variants:
         runs = []
-        add_score(variant.name, lambda: sitk.ReadImage(str(_variant_run(case, variant, evaluation, output, events, runs))))
+        add_score(variant.name, lambda: sitk.ReadImage(str(_variant_run(case, variant, evaluation, output, events, runs,
+                                                                         overwrite))))
         if REFERENCE_METHOD not in result.scores and runs:
             add_score(REFERENCE_METHOD, lambda: sitk.ReadImage(str(output / variant.name / "snapshot_0000.nrrd")))
             events.emit(protocol.EVENT_STAGE, stage=protocol.STAGE_ALIGN, case=case.case_id, method="registration", round=1)
@@ -255,12 +265,12 @@ def evaluate_case(case: Case, evaluation: Evaluation, output: Path, events: Even
 
 
 def _variant_run(case: Case, variant: Variant, evaluation: Evaluation, output: Path, events: EventWriter,
-                 runs: list[RunResult]) -> Path:
+                 runs: list[RunResult], overwrite: bool) -> Path:
     """Run one variant on the case (with the out-of-memory fall-back); appends its result to `runs` and
     returns the path of its labelmap."""
     run = refine_with_fallback(case.image_path, evaluation.model, output / variant.name, variant.settings(evaluation.base),
                                TaggedEvents(events, case=case.case_id, method=variant.name), evaluation.device,
-                               evaluation.seed, evaluation.largest_component)
+                               evaluation.seed, evaluation.largest_component, overwrite=overwrite)
     runs.append(run)
     return run.labelmap
 
@@ -276,6 +286,34 @@ def registration_run(run: RunResult, evaluation: Evaluation, output: Path) -> si
     labelmap = registration_baseline(run, settings, evaluation.device)
     write_image_atomic(labelmap, output / protocol.LABELMAP_FILE)
     return labelmap
+
+
+def write_case_record(result: CaseResult, folder: Path) -> Path:
+    """cases/CASE/case.json: per method, Dice and HD95 (mm) per organ (null for NaN), and the errors."""
+    scores = {method: {organ: [rounded_or_none(dice, 12), rounded_or_none(hd95, 12)]
+                       for organ, (dice, hd95) in organ_scores.items()}
+              for method, organ_scores in result.scores.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(json.dumps({"case": result.case_id, "scores": scores, "errors": result.errors}, indent=1),
+                             folder / CASE_RECORD)
+
+
+def read_complete_case(folder: Path, case_id: str, evaluation: Evaluation) -> CaseResult | None:
+    """The case's result from an earlier run of the same evaluation, when it is complete: case.json scores
+    every method (a failed method is run again) and every variant's run folder holds a complete result
+    (protocol.result_is_complete). None otherwise."""
+    try:
+        record = json.loads((folder / CASE_RECORD).read_text(encoding="utf-8"))
+        scores = {method: {organ: tuple(math.nan if value is None else float(value) for value in pair)
+                           for organ, pair in organ_scores.items()}
+                  for method, organ_scores in record["scores"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if record.get("case") != case_id or record.get("errors") or set(scores) != set(evaluation.methods):
+        return None
+    if not all(protocol.result_is_complete(folder / variant.name) for variant in evaluation.variants):
+        return None
+    return CaseResult(case_id, scores)
 
 
 def metrics_rows(results: list[CaseResult], methods: list[str], organs: list[str]) -> list[list]:
@@ -404,41 +442,91 @@ def dice_boxplot(results: list[CaseResult], methods: list[str], organs: list[str
     return path
 
 
-def evaluate_dataset(cases_folder: Path, evaluation: Evaluation, output: Path, events: EventWriter) -> dict:
+def evaluate_dataset(cases_folder: Path, evaluation: Evaluation, output: Path, events: EventWriter,
+                     resume: bool = False, overwrite: bool = False) -> dict:
     """Evaluate every case of an MSD folder and write metrics.csv, summary.md, dice_boxplot.png and
-    settings.json to `output`; returns the `done` event fields."""
+    settings.json to `output`; returns the `done` event fields. An earlier evaluation in `output` is
+    refused (OutputFolderError), unless `resume` (its complete cases are read back, see the module
+    docstring) or `overwrite` (everything is computed again)."""
     entries, dataset_names = read_msd_dataset(cases_folder)
     package = model_package.load(evaluation.model)
     organ_values, lookup = organ_correspondence(dataset_names, package, cases_folder)
-    organs = list(organ_values.values())
     methods = evaluation.methods
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DiskError(f"Cannot create the output folder '{output}' ({error.strerror}). Choose another --output.") from None
-    write_text_atomic(json.dumps(settings_record(
+    record = settings_record(
         evaluation.base, seed=evaluation.seed, device=str(evaluation.device), cases=str(cases_folder), methods=methods,
         variants={v.name: {"align_mode": v.align_mode, "moving_average": v.moving_average, "loss": v.loss}
                   for v in evaluation.variants},
         model={"path": str(package.root), "name": package.config["name"], "version": package.config.get("version")},
-        largest_component=evaluation.largest_component), indent=1), output / protocol.SETTINGS_FILE)
+        largest_component=evaluation.largest_component)
+    prepare_output(output, record, resume, overwrite)
 
     clock = RunClock(len(entries))
     results = []
     for index, (case_id, image_path, label_path) in enumerate(entries, start=1):
-        if events.mode == "bar":
-            tell(events, f"\nCase {index} of {len(entries)}: {case_id}")
-        else:
-            events.emit("case", case=case_id, index=index, total=len(entries))
         case = Case(case_id, image_path, label_path, dataset_names, lookup, organ_values)
-        result = evaluate_case(case, evaluation, output / "cases" / case_id, events)
+        result = _case_result(case, evaluation, output / "cases" / case_id, events, (index, len(entries)), resume,
+                              replace=resume or overwrite)
         results.append(result)
         clock.advance(1)
         events.emit(protocol.EVENT_PROGRESS, stage="evaluate", step=index, total=len(entries), loss=None,
                     eta_s=clock.seconds_left(), case=case_id, failed=sorted(result.errors),
                     mean_dice={method: rounded_or_none(result.dice(method, MEAN)) for method in methods})
-    return write_evaluation(results, methods, organs, f"Evaluation of {package.config['name']} on {cases_folder.name}",
-                            output, events)
+    return write_evaluation(results, methods, list(organ_values.values()),
+                            f"Evaluation of {package.config['name']} on {cases_folder.name}", output, events)
+
+
+def _case_result(case: Case, evaluation: Evaluation, folder: Path, events: EventWriter, position: tuple[int, int],
+                 resume: bool, replace: bool) -> CaseResult:
+    """The case read back (with `resume`, when complete) or evaluated and recorded; announces which.
+    position: (index from 1, number of cases); `replace`: the runs replace what earlier ones left."""
+    index, total = position
+    result = read_complete_case(folder, case.case_id, evaluation) if resume else None
+    if events.mode == "bar":
+        tell(events, f"\nCase {index} of {total}: {case.case_id}" + (" (complete before: read back)" if result else ""))
+    else:
+        events.emit("case", case=case.case_id, index=index, total=total, read_back=result is not None)
+    if result is None:
+        result = evaluate_case(case, evaluation, folder, events, overwrite=replace)
+        write_case_record(result, folder)
+    return result
+
+
+def prepare_output(output: Path, record: dict, resume: bool, overwrite: bool) -> None:
+    """Create the output folder and write settings.json (`record`). An earlier evaluation there (its
+    settings.json) is refused unless `resume` with the same settings (library versions aside) or
+    `overwrite`, which removes the earlier case records first."""
+    settings_path = output / protocol.SETTINGS_FILE
+    if settings_path.exists() and not overwrite:
+        if not resume:
+            raise OutputFolderError(
+                f"The output folder '{output}' holds an earlier evaluation ({protocol.SETTINGS_FILE}). Pass --resume "
+                "to finish it (complete cases are read back), --overwrite to start over, or choose another --output.")
+        differing = _differing_settings(settings_path, record)
+        if differing:
+            raise OutputFolderError(
+                f"The earlier evaluation in '{output}' has other settings ({', '.join(differing)}); --resume needs the "
+                "same --cases, --model, --variants and options. Pass those, or --overwrite to start over.")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for case_record in (output / "cases").glob(f"*/{CASE_RECORD}"):
+                case_record.unlink()
+        write_text_atomic(json.dumps(record, indent=1), settings_path)
+    except OSError as error:
+        raise DiskError(f"Cannot write to the output folder '{output}' ({error.strerror}). Choose another --output.") from None
+
+
+def _differing_settings(path: Path, record: dict) -> list[str]:
+    """Top-level keys of settings.json at `path` that differ from `record` (the library versions aside)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        return [f"{protocol.SETTINGS_FILE} unreadable"]
+    current = json.loads(json.dumps(record))  # tuples become lists, as in the file
+    keys = (set(earlier) | set(current)) - {"versions"}
+    return sorted(key for key in keys if earlier.get(key) != current.get(key))
 
 
 def write_evaluation(results: list[CaseResult], methods: list[str], organs: list[str], title: str, output: Path,

@@ -5,6 +5,9 @@ module reads it without loading torch. Every value here is part of the contract;
 together with docs/worker-protocol.md.
 """
 
+import json
+from pathlib import Path
+
 WORKER_MODULE = "isseg.cli"
 
 # Exit codes of every `isseg` command.
@@ -49,6 +52,18 @@ LOCK_FILE = ".isseg-run.lock"  # held by the run that owns the folder (advisory 
 RESULT_FILES = (REPORT_FILE, LABELMAP_FILE, PROBABILITIES_FILE, SEGMENTS_FILE, SETTINGS_FILE, UNCERTAINTY_FILE)
 RUN_FILE_PATTERNS = (*RESULT_FILES, *(f".{name.split('.')[0]}.*" for name in RESULT_FILES),
                      "snapshot_[0-9]*.nrrd", ".snapshot_[0-9]*")
+
+
+
+def result_is_complete(folder) -> bool:
+    """The completeness rule (docs/worker-protocol.md): a run's result in `folder` is complete only when
+    its report.json, written last, exists and says `"partial": false`."""
+    try:
+        report = json.loads((Path(folder) / REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("partial") is False
+
 
 # Files of a model package.
 DEMO_MODEL = "demo"

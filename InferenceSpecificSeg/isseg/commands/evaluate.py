@@ -23,6 +23,12 @@ def register(commands) -> None:
                         help=f"inference-specific learning variants to run: {', '.join(VARIANTS)} (default: all). "
                              "Each sets the alignment mode, moving average and loss itself, so --align-mode, "
                              "--no-moving-average and --loss do not apply here")
+    earlier = parser.add_mutually_exclusive_group()
+    earlier.add_argument("--resume", action="store_true",
+                         help="finish an earlier evaluation in --output (same options): complete cases are read "
+                              "back, the others run again")
+    earlier.add_argument("--overwrite", action="store_true",
+                         help="start over in an --output that holds an earlier evaluation")
     add_progress_option(parser)
     add_refine_options(parser)
     parser.set_defaults(handler=run)
@@ -33,5 +39,6 @@ def run(args) -> int:
                             variants=tuple(VARIANTS[name] for name in dict.fromkeys(args.variants)),
                             base=refine_settings_from(args), device=resolve_device(args.device), seed=args.seed,
                             largest_component=not args.no_largest_component)
-    evaluate_dataset(Path(args.cases), evaluation, Path(args.output), events_for(args))
+    evaluate_dataset(Path(args.cases), evaluation, Path(args.output), events_for(args), resume=args.resume,
+                     overwrite=args.overwrite)
     return EXIT_DONE
