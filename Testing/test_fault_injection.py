@@ -307,6 +307,53 @@ def test_lock_file_link_is_never_followed(tmp_path, ct):
 
 # 5. Memory limits, checked before the run.
 
+# Headroom over the worker's address space once it has imported everything: enough to read a 192 x 192 x 128
+# input and the package and to predict (about 190 MiB measured), not enough to put the initial class
+# probabilities on that input grid for the first snapshot (about 440 MiB).
+MEMORY_HEADROOM = 300 * 2**20
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}  # no per-thread stacks and arenas to blur it
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="RLIMIT_AS and /proc/self/status are Linux")
+def test_main_memory_running_out_in_a_stage_exits_5_naming_it(tmp_path, ct):
+    import resource
+
+    image = sitk.ReadImage(str(ct))
+    fine = sitk.Resample(image, [4 * size for size in image.GetSize()], sitk.Transform(), sitk.sitkLinear,
+                         image.GetOrigin(), (1.0, 1.0, 1.0), image.GetDirection(), -1024.0, sitk.sitkInt16)
+    sitk.WriteImage(fine, str(tmp_path / "fine.nrrd"), True)
+    probe = subprocess.run([*worker_command()[:1], "-c", "import re; from isseg import cli; "
+                            "print(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"],
+                           capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, check=True)
+    limit = int(probe.stdout) * 1024 + MEMORY_HEADROOM
+    result, events = refine(tmp_path / "fine.nrrd", tmp_path / "out", env=ONE_THREAD,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    error = check_failure(result, events, 5, "out_of_memory", "during the initial stage")
+    assert "allocate" in error["message"], "the message says which allocation failed"
+    left = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert "report.json" not in left and not [name for name in left if name.startswith(".")], left
+
+
+def test_onednn_failing_for_memory_counts_as_out_of_memory(tmp_path, monkeypatch):
+    """Near the limit of the test above, oneDNN's convolution sometimes fails first, saying only that it
+    could not create a primitive (its workspace allocation failed): exit 5 too, not an internal error."""
+    import io
+
+    from isseg.errors import OutOfMemoryError
+    from isseg.events import EventWriter
+    from isseg.pipeline import Run
+    from isseg.refinement import RefineSettings
+
+    def fail(self):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(Run, "_load_and_check", fail)
+    run = Run(tmp_path / "ct.nrrd", tmp_path / "package", tmp_path / "out", RefineSettings(),
+              EventWriter(io.StringIO()), device=None, seed=0)
+    with pytest.raises(OutOfMemoryError, match="during the initial stage .could not create a primitive"):
+        run.execute()
+
+
 def test_huge_network_is_refused_with_exit_4_before_allocating(tmp_path, ct, demo_package):
     def huge(config):
         config["network"]["args"]["channels"] = [4096, 8192, 16384, 32768]

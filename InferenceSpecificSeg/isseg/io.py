@@ -154,7 +154,8 @@ def write_error(path: Path, error: Exception) -> DiskError:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    if getattr(error, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) or (free is not None and free < LOW_SPACE_BYTES):
+    full = getattr(error, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    if full or (free is not None and free < LOW_SPACE_BYTES):
         space = "" if free is None else f", {free / 2**20:.1f} MiB free"
         return DiskError(f"Could not write '{path}': no space left on its disk ({reason}{space}). Free disk space or "
                          "choose an output folder on another disk.")

@@ -26,7 +26,7 @@ from .edits import CaseTraining, UserEdits, trust
 from .errors import Cancelled, OutOfMemoryError
 from .events import EventWriter, RunClock
 from .input_checks import check_model_grid, read_input
-from .io import write_image_atomic, write_text_atomic
+from .io import last_line, write_image_atomic, write_text_atomic
 from .networks import KIND_MONAI, PreparedCase, predict_probabilities
 from .networks.monai_net import build_monai_network
 from .output_folder import OutputFolder
@@ -38,6 +38,9 @@ from .timing import StageTimer
 # An alignment round costs about as much time as this many fine-tuning steps on a CPU; only used
 # to spread the progress bar and the time-left estimate over the run.
 ALIGN_ROUND_UNITS = 40
+# How running out of main memory reads in a RuntimeError: torch's and ITK's allocators ("can't allocate",
+# "Failed to allocate"), and oneDNN, whose convolution says only this when its workspace cannot be allocated.
+MEMORY_MARKERS = ("alloc", "could not create a primitive")
 
 
 class CancelToken:
@@ -225,10 +228,11 @@ class Run:
         except torch.cuda.OutOfMemoryError:
             raise  # the GPU fall-back deals with it
         except (MemoryError, RuntimeError) as error:
-            if not isinstance(error, MemoryError) and "alloc" not in str(error).lower():
+            text = str(error).lower()
+            if not isinstance(error, MemoryError) and not any(marker in text for marker in MEMORY_MARKERS):
                 raise
             raise OutOfMemoryError(
-                f"Out of main memory during the {self.stage} stage ({str(error).strip().splitlines()[0][:200]}). "
+                f"Out of main memory during the {self.stage} stage ({last_line(error)[:200]}). "
                 "Close other programs, crop the CT to the region of interest, or use a machine with more memory."
             ) from None
 
