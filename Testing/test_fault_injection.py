@@ -270,6 +270,8 @@ def test_zip_bomb_is_refused_and_leaves_the_cache_clean(tmp_path, ct, demo_packa
     result, events = refine(ct, tmp_path / "out", model=bomb, env={"ISSEG_CACHE": str(cache)})
     check_failure(result, events, 4, "bad_model", "zip bomb")
     assert list((cache / "packages").iterdir()) == [], "nothing unpacked, no staging folder left"
+    good = zip_folder(demo_package, tmp_path / "good.zip")  # and the cache still serves the next package
+    assert (archive.unpack_cached(good, cache / "packages") / "model.json").is_file()
     assert not (tmp_path / "out").exists()
 
 
@@ -405,14 +407,18 @@ PACKAGE_FAULTS = {
     "absolute_weights": (lambda c: c.update(weights="/etc/passwd"), "relative to the package"),
     "escaping_atlas": (lambda c: c.update(atlas="../../../etc/passwd"), "outside the package"),
     "pretrained": (lambda c: c["network"]["args"].update(pretrained=True), "download"),
+    "url_argument": (lambda c: c["network"]["args"].update(act="https://example.org/act.pt"), "never downloads"),
+    "absolute_atlas_elsewhere": (lambda c: c.update(atlas=str(Path.home() / "other" / "atlas" / "manifest.json")),
+                                 "relative to the package"),
 }
+BUILD_FAULTS = ("pretrained", "url_argument")  # refused when the network is built
 
 
 @pytest.mark.parametrize("fault", sorted(PACKAGE_FAULTS))
 def test_inconsistent_package_is_refused_with_exit_4_before_the_run(tmp_path, ct, demo_package, fault):
     edit, text = PACKAGE_FAULTS[fault]
     model = copy_demo(demo_package, tmp_path / "model", edit)
-    if fault == "pretrained":
+    if fault in BUILD_FAULTS:
         with pytest.raises(BadModelError, match=text):
             model_package.load(model).build_network()
         return
@@ -438,6 +444,18 @@ def test_atlas_label_value_the_model_lacks_is_refused(tmp_path, demo_package):
     (model / "atlas" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(BadModelError, match=r"label values \[9\]"):
         model_package.load(model)
+
+
+def test_unreadable_atlas_image_is_refused_with_exit_4_before_the_run(tmp_path, ct, demo_package):
+    model = copy_demo(demo_package, tmp_path / "model")
+    manifest = json.loads((model / "atlas" / "manifest.json").read_text(encoding="utf-8"))
+    entry = manifest["cases"][0]
+    (model / "atlas" / entry["image"]).write_bytes(b"not an image" * 10)
+    entry["sha256"]["image"] = model_package.sha256(model / "atlas" / entry["image"])  # intact by its checksum
+    (model / "atlas" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    result, events = refine(ct, tmp_path / "out", model=model)
+    check_failure(result, events, 4, "bad_model", "cannot be read")
+    assert not (tmp_path / "out").exists()
 
 
 # 10. Option values and signals.
