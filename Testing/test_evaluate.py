@@ -16,6 +16,7 @@ from engine_support import LiveWorker, run_worker
 from isseg import cli, phantom
 from isseg.evaluate import BASELINES, CaseResult, paired_wilcoxon, score, summary_markdown
 from isseg.events import EventWriter
+from isseg.reporting import format_mean_sd
 from isseg.model_training import TrainSettings, train_package
 
 PHANTOM_SIZE, PHANTOM_SPACING = (48, 48, 32), (8.0, 8.0, 8.0)
@@ -66,6 +67,13 @@ def test_summary_reports_mean_sd_p_values_and_failures():
     assert "| isl_mask | 6 | 0.835 ± 0.019 | 0.635 ± 0.019 | 0.735 ± 0.019 |" in text
     assert "| isl_mask | 0.0312 | 0.0312 | 0.0312 |" in text
     assert all(f"| case{case} | registration | Out of memory / retry |" in text for case in range(6))
+
+
+def test_mean_sd_leaves_out_missing_values_and_knows_both_sds():
+    assert format_mean_sd([0.5, 0.7, math.nan, None]) == "0.600 ± 0.141"  # sample SD
+    assert format_mean_sd([0.5, 0.7], ddof=0) == "0.600 ± 0.100"  # population SD
+    assert format_mean_sd([np.float32("nan"), 0.25], digits=2) == "0.25"
+    assert format_mean_sd([]) == "–"
 
 
 @pytest.fixture(scope="module")

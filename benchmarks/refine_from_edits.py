@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from isseg import phantom
 from isseg.evaluate import paired_wilcoxon
 from isseg.metrics import dice_per_label
-from isseg.reporting import format_number, markdown_table
+from isseg.reporting import format_mean_sd, format_number, markdown_table
 from isseg.uncertainty import error_detection_auc, normalized_entropy
 
 ORGANS = dict(enumerate(phantom.ORGAN_NAMES, start=1))
@@ -100,8 +100,7 @@ def run_case(seed: int, work: Path, options: list[str]) -> dict:
 
 def summary(results: list[dict]) -> str:
     def mean_sd(values):
-        values = np.asarray(values, dtype=float)
-        return f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
+        return format_mean_sd(values, ddof=0)
 
     names = list(ORGANS.values())
     rows = []

@@ -51,7 +51,7 @@ from .io import labelmap_like, resample_to, write_image_atomic, write_text_atomi
 from .metrics import dice_per_label, hd95_per_label
 from .pipeline import RunResult, atlas_arrays, refine_with_fallback, settings_record
 from .refinement import RefineSettings
-from .reporting import format_number, is_missing, markdown_table, rounded_or_none, tell, write_csv
+from .reporting import format_mean_sd, format_number, markdown_table, rounded_or_none, tell, write_csv
 
 log = logging.getLogger("isseg")
 
@@ -331,13 +331,18 @@ def metrics_rows(results: list[CaseResult], methods: list[str], organs: list[str
     return rows
 
 
-def _mean_sd(values: list[float], digits: int) -> str:
-    values = [v for v in values if not is_missing(v)]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return format_number(values[0], digits)
-    return f"{format_number(float(np.mean(values)), digits)} ± {format_number(float(np.std(values, ddof=1)), digits)}"
+def failure_rows(results: list[CaseResult], methods: list[str]) -> list[list[str]]:
+    """Rows (case, methods, error) of the failed runs; the methods that failed with one error share a row
+    (a case that could not be read fails them all)."""
+    failures = []
+    for result in results:
+        methods_by_error: dict[str, list[str]] = {}
+        for method in methods:
+            if method in result.errors:
+                methods_by_error.setdefault(result.errors[method], []).append(method)
+        failures += [[result.case_id, ", ".join(failed), error.replace("|", "/").replace("\n", " ")]
+                     for error, failed in methods_by_error.items()]
+    return failures
 
 
 def summary_markdown(results: list[CaseResult], methods: list[str], organs: list[str], title: str) -> str:
@@ -354,25 +359,14 @@ def summary_markdown(results: list[CaseResult], methods: list[str], organs: list
         values = [h for _, h in result.scores[method].values() if not math.isnan(h)]
         return float(np.mean(values)) if values else math.nan
 
-    dice_rows = [[method, len(succeeded(method)), *(_mean_sd([r.dice(method, o) for r in succeeded(method)], 3)
+    dice_rows = [[method, len(succeeded(method)), *(format_mean_sd([r.dice(method, o) for r in succeeded(method)], 3)
                                                    for o in columns)] for method in methods]
-    hd95_rows = [[method, len(succeeded(method)), *(_mean_sd([hd95(r, method, o) for r in succeeded(method)], 1)
+    hd95_rows = [[method, len(succeeded(method)), *(format_mean_sd([hd95(r, method, o) for r in succeeded(method)], 1)
                                                    for o in columns)] for method in methods]
-    p_rows = []
-    for method in methods:
-        if method == REFERENCE_METHOD:
-            continue
-        p_values = [paired_wilcoxon([r.dice(method, o) for r in results], [r.dice(REFERENCE_METHOD, o) for r in results])
-                    for o in columns]
-        p_rows.append([method, *(format_number(p, 4) for p in p_values)])
-    failures = []  # (case, methods, error): a case that could not be read fails all methods with one error
-    for result in results:
-        methods_by_error: dict[str, list[str]] = {}
-        for method in methods:
-            if method in result.errors:
-                methods_by_error.setdefault(result.errors[method], []).append(method)
-        failures += [[result.case_id, ", ".join(failed), error.replace("|", "/").replace("\n", " ")]
-                     for error, failed in methods_by_error.items()]
+    p_rows = [[method, *(format_number(paired_wilcoxon([r.dice(method, o) for r in results],
+                                                        [r.dice(REFERENCE_METHOD, o) for r in results]), 4)
+                         for o in columns)] for method in methods if method != REFERENCE_METHOD]
+    failures = failure_rows(results, methods)
     header = ["method", "cases", *(c.replace("_", " ") for c in columns)]
     descriptions = {**BASELINE_DESCRIPTIONS, **{name: variant.description for name, variant in VARIANTS.items()}}
     method_list = "\n".join(f"- {method}: {descriptions[method]}" for method in methods)

@@ -30,6 +30,18 @@ def format_number(value: float | None, digits: int = 3, signed: bool = False) ->
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def format_mean_sd(values, digits: int = 3, ddof: int = 1) -> str:
+    """"mean ± SD" of the values that are not missing (SD with `ddof` delta degrees of freedom: 1 for the
+    sample SD, 0 for the population SD); the value alone when there is one, a dash when there is none."""
+    present = [float(value) for value in values if not is_missing(value)]
+    present = [value for value in present if not math.isnan(value)]  # NaN of numpy's own float types too
+    if len(present) < 2:
+        return format_number(present[0] if present else None, digits)
+    mean = sum(present) / len(present)
+    sd = math.sqrt(sum((value - mean) ** 2 for value in present) / (len(present) - ddof))
+    return f"{format_number(mean, digits)} ± {format_number(sd, digits)}"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub-flavoured Markdown table; cells are used as they are (format numbers beforehand)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
