@@ -7,7 +7,7 @@ its 3d_fullres plans with nnU-Net's default features per stage (32 ... 320), bui
 (Testing/nnunet_model_builder.py; He-initialised weights: speed and memory do not depend on them). It is
 packaged with `isseg package` together with 8 phantom atlas cases, then `isseg refine` runs on a shifted
 phantom as a subprocess. Prints plain inference time (nnU-Net's predictor: sliding window with step 0.5,
-Gaussian weighting and test-time mirroring over 3 axes), refine wall time per stage (report.json) and the
+Gaussian weighting and test-time mirroring over 3 axes; run_timing.plain_inference_seconds), refine wall time per stage (report.json) and the
 worker's peak resident memory. No external data is read.
 """
 
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "InferenceSpecificSeg"))
 
 from isseg import model_package, packaging, phantom  # noqa: E402
-from isseg.networks import predict_probabilities  # noqa: E402
+from run_timing import plain_inference_seconds  # noqa: E402
 
 
 def build_nnunet_folder(work: Path) -> Path:
@@ -39,18 +39,6 @@ def build_nnunet_folder(work: Path) -> Path:
                "--features", "--size", "96", "96", "64", "--spacing", "4"]
     result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=True)
     return Path(result.stdout.strip().splitlines()[-1])
-
-
-def plain_inference_seconds(package_path: Path, image: sitk.Image, device: torch.device, repeats: int = 2) -> float:
-    package = model_package.load(package_path, check_atlas=False)
-    kind, network = package.network_kind, package.build_network().to(device)
-    times = []
-    for _ in range(repeats):
-        start = time.monotonic()
-        prepared = kind.prepare(image)
-        predict_probabilities(kind, network, prepared.tensor, device)
-        times.append(time.monotonic() - start)
-    return float(min(times))
 
 
 def main() -> None:

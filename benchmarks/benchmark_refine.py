@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,75 +25,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from isseg import model_package, phantom
-from isseg.events import EventWriter
-from isseg.inference import predict_probabilities
+from isseg import phantom
 from isseg.metrics import dice_per_label
 from isseg.demo_model import demo_package_path
 from isseg.device import resolve_device
 from isseg.pipeline import Run
-from isseg.preprocess import image_tensor, to_model_grid, zyx
 from isseg.refinement import RefineSettings
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as stream:
-        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class StageMonitor(EventWriter):
-    """An EventWriter that records, per stage, wall time and peak memory instead of printing events."""
-
-    def __init__(self, device: torch.device):
-        super().__init__(stream=sys.stderr, mode="json")
-        self.device = device
-        self.stage = "initial"
-        self.stage_started = time.monotonic()
-        self.seconds: dict[str, float] = {}
-        self.peak_rss: dict[str, int] = {}
-        self.peak_gpu: dict[str, int] = {}
-        self.events: list[dict] = []
-        self._stop = threading.Event()
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            stage = self.stage
-            self.peak_rss[stage] = max(self.peak_rss.get(stage, 0), resident_bytes())
-
-    def _close(self) -> None:
-        now = time.monotonic()
-        self.seconds[self.stage] = self.seconds.get(self.stage, 0.0) + now - self.stage_started
-        if self.device.type == "cuda":
-            self.peak_gpu[self.stage] = max(self.peak_gpu.get(self.stage, 0), torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
-        self.stage_started = now
-
-    def emit(self, event: str, **fields) -> None:
-        self.events.append({"event": event, **fields})
-        if event == "stage" and fields.get("stage") != self.stage:
-            self._close()
-            self.stage = fields["stage"]
-        elif event in ("done", "cancelled"):
-            self._close()
-            self._stop.set()
-
-
-def plain_inference_seconds(case_path: Path, device: torch.device, repeats: int = 3) -> float:
-    """Median time of one initial segmentation (resample + sliding window), network loaded once."""
-    package = model_package.load(demo_package_path(), check_atlas=False)
-    network = package.build_network().to(device)
-    image = sitk.ReadImage(str(case_path), sitk.sitkFloat32)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.monotonic()
-        model_image = to_model_grid(image, package.spacing, package.orientation)
-        predict_probabilities(network, image_tensor(model_image, package.intensity_window), zyx(package.patch_size), device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.monotonic() - start)
-    return float(np.median(times[1:]))  # the first call includes one-off warm-up
+from run_timing import StageMonitor, plain_inference_seconds
 
 
 def main() -> None:
@@ -111,7 +47,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         case_path = Path(work) / "case.nrrd"
         sitk.WriteImage(case.image, str(case_path))
-        inference_s = plain_inference_seconds(case_path, device)
+        inference_s = plain_inference_seconds(demo_package_path(), sitk.ReadImage(str(case_path), sitk.sitkFloat32),
+                                              device, repeats=3)
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
         if device.type == "cuda":
             machine += f", {torch.cuda.get_device_name(0)}"
@@ -124,21 +61,22 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             start = time.monotonic()
-            Run(case_path, demo_package_path(), output, RefineSettings(), monitor, device, seed=0).execute()
+            result = Run(case_path, demo_package_path(), output, RefineSettings(), monitor, device, seed=0).execute()
             total = time.monotonic() - start
+            stage_seconds = json.loads(result.report.read_text(encoding="utf-8"))["seconds"]
             initial = dice_per_label(sitk.GetArrayFromImage(sitk.ReadImage(str(output / "snapshot_0000.nrrd"))), truth, range(1, 7))
             final = dice_per_label(sitk.GetArrayFromImage(sitk.ReadImage(str(output / "labelmap.nrrd"))), truth, range(1, 7))
             print(f"\nrun {repeat + 1}: total {total:.1f} s = {total / inference_s:.0f} x plain inference; "
                   f"mean Dice {np.nanmean(initial):.3f} -> {np.nanmean(final):.3f}")
             print(f"{'stage':<10} {'seconds':>8} {'peak RSS MiB':>13}" + (f" {'peak GPU MiB':>13}" if device.type == "cuda" else ""))
-            for stage, seconds in monitor.seconds.items():
+            for stage, seconds in stage_seconds.items():
                 row = f"{stage:<10} {seconds:>8.1f} {monitor.peak_rss.get(stage, 0) / 2**20:>13.0f}"
                 if device.type == "cuda":
                     row += f" {monitor.peak_gpu.get(stage, 0) / 2**20:>13.0f}"
                 print(row)
             print(json.dumps({"total_s": round(total, 2), "inference_s": round(inference_s, 3),
                               "ratio": round(total / inference_s, 1),
-                              "stages_s": {k: round(v, 2) for k, v in monitor.seconds.items()}}))
+                              "stages_s": stage_seconds}))
 
 
 if __name__ == "__main__":
