@@ -28,7 +28,9 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 sys.path.insert(0, str(BENCHMARKS_DIR.parent / "scripts"))
 
-import real_anatomy as ra  # noqa: E402
+import real_anatomy_jobs as jobs  # noqa: E402
+import real_anatomy_reports as reports  # noqa: E402
+from real_anatomy_plans import TOTALSEG_NAME  # noqa: E402
 import synthetic_ct as sct  # noqa: E402
 import train_realct_model as recipe  # noqa: E402
 from isseg import model_package, phantom  # noqa: E402
@@ -37,6 +39,7 @@ from isseg.io import read_image, resample_to  # noqa: E402
 from isseg.metrics import dice_per_label  # noqa: E402
 from isseg.postprocess import labels_on_grid  # noqa: E402
 from isseg.preprocess import image_tensor, to_model_grid, zyx  # noqa: E402
+from isseg.reporting import format_number  # noqa: E402
 
 #: Organs of the procedural phantoms, which the ICRP cases have too (values of isseg.phantom).
 SHARED_ORGANS = dict(enumerate(phantom.ORGAN_NAMES, start=1))
@@ -47,7 +50,7 @@ def real_cases(data_dir: Path) -> list[dict]:
     """The real CTs with a reference: input path, reference image, {reference value: organ name}."""
     real = data_dir / "real_ct"
     classes = json.loads((real / "totalsegmentator_total_classes.json").read_text(encoding="utf-8"))
-    abdomen_ids = {int(i): name for i, name in classes.items() if name in ra.TOTALSEG_NAME.values()}
+    abdomen_ids = {int(i): name for i, name in classes.items() if name in TOTALSEG_NAME.values()}
     return [
         {"case": "abdomen_dicom", "input": real / "totalseg_dicom_abdomen" / "dicom",
          "reference": real / "totalseg_dicom_abdomen" / "labels_totalsegmentator.nii.gz", "organs": abdomen_ids},
@@ -65,7 +68,7 @@ def reference_on(image: sitk.Image, path: Path) -> np.ndarray:
 def organ_rows(model: str, case: dict, variant: str, prediction: np.ndarray, reference: np.ndarray,
                names: dict[int, str], voxel_ml: float) -> list[dict]:
     """Per organ the model and the reference share: Dice and volumes (Dice NaN where the reference lacks it)."""
-    by_totalseg_name = {ra.TOTALSEG_NAME.get(name, name): value for value, name in names.items()}
+    by_totalseg_name = {TOTALSEG_NAME.get(name, name): value for value, name in names.items()}
     rows = []
     for reference_id, reference_name in case["organs"].items():
         value = by_totalseg_name.get(reference_name)
@@ -73,7 +76,7 @@ def organ_rows(model: str, case: dict, variant: str, prediction: np.ndarray, ref
             continue
         predicted, truth = prediction == value, reference == reference_id
         rows.append({"model": model, "case": case["case"], "variant": variant, "organ": names[value],
-                     "dice": ra.dice(predicted, truth) if truth.any() else float("nan"),
+                     "dice": reports.dice(predicted, truth) if truth.any() else float("nan"),
                      "predicted_ml": round(float(predicted.sum()) * voxel_ml, 1),
                      "reference_ml": round(float(truth.sum()) * voxel_ml, 1)})
     return rows
@@ -97,7 +100,7 @@ def run_real(args) -> None:
             if model_index == 0 and "refined" in masks and case["case"] == "abdomen_dicom":
                 figure_inputs = [image, masks, reference, names, case]
     args.results.mkdir(parents=True, exist_ok=True)
-    ra.write_csv(rows, args.results / "real_ct.csv")
+    reports.write_csv(rows, args.results / "real_ct.csv")
     (args.results / "real_ct.md").write_text(real_markdown(rows), encoding="utf-8")
     if figure_inputs:
         mask_figure(*figure_inputs, args.results / "real_ct_masks.png", title=args.model[0][0])
@@ -108,9 +111,9 @@ def refined_masks(args, model: str, package: str, case: dict) -> dict[str, np.nd
     """First and refined masks of `isseg refine` (defaults) on a real case; a finished run is reused."""
     output = args.work / model / case["case"]
     if not (output / "labelmap.nrrd").is_file():
-        ra.run_logged(ra.isseg_command("refine", "--input", case["input"], "--model", package, "--output", output,
-                                       "--progress", "json", "--seed", str(args.seed), "--device", args.device),
-                      args.work / f"{model}_{case['case']}.log")
+        jobs.run_logged(jobs.isseg_command("refine", "--input", case["input"], "--model", package, "--output", output,
+                                           "--progress", "json", "--seed", str(args.seed), "--device", args.device),
+                        args.work / f"{model}_{case['case']}.log")
     return {variant: sitk.GetArrayFromImage(sitk.ReadImage(str(output / file)))
             for variant, file in (("initial", "snapshot_0000.nrrd"), ("refined", "labelmap.nrrd"))}
 
@@ -130,7 +133,7 @@ def real_markdown(rows: list[dict]) -> str:
                     cells.append("-")
                     continue
                 reference_ml = row["reference_ml"]
-                cells.append(f"{ra._fmt(row['dice'])} ({row['predicted_ml']:.0f} ml)")
+                cells.append(f"{format_number(row['dice'])} ({row['predicted_ml']:.0f} ml)")
         lines.append(f"| {case} | {organ} | {reference_ml:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nDice (predicted volume). '-': the model has no such label, or that run was not made; n/a: the " \
                               "reference has none of the organ on these slices (the volume is then false positive).\n"
@@ -145,7 +148,7 @@ def mask_figure(image: sitk.Image, masks: dict, reference: np.ndarray, names: di
     import matplotlib.pyplot as plt
 
     ct = sitk.GetArrayFromImage(image)
-    by_name = {ra.TOTALSEG_NAME.get(n, n): v for v, n in names.items()}
+    by_name = {TOTALSEG_NAME.get(n, n): v for v, n in names.items()}
     reference_as_model = np.zeros_like(masks["initial"])
     for reference_id, name in case["organs"].items():
         if name in by_name:
@@ -216,7 +219,7 @@ def run_anatomy(args) -> None:
                 rows.append({"model": model, "test": kind, "case": case_id, "organ": organ, "dice": dice})
         print(f"{model}: done", flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    ra.write_csv(rows, args.results / "anatomy.csv")
+    reports.write_csv(rows, args.results / "anatomy.csv")
     (args.results / "anatomy.md").write_text(anatomy_markdown(rows), encoding="utf-8")
     print((args.results / "anatomy.md").read_text(encoding="utf-8"))
 
@@ -229,14 +232,14 @@ def anatomy_markdown(rows: list[dict]) -> str:
         cells = []
         for test in tests:
             values = [r["dice"] for r in rows if r["model"] == model and r["test"] == test]
-            cells.append(ra._fmt(float(np.nanmean(values))))
+            cells.append(format_number(float(np.nanmean(values))))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines.append("\nMean over cases and the organs " + ", ".join(SHARED_ORGANS.values()) + " (first masks, no ISL).")
     for model in models:
         for test in tests:
             per_organ = {o: float(np.nanmean([r["dice"] for r in rows if r["model"] == model and r["test"] == test
                                               and r["organ"] == o])) for o in SHARED_ORGANS.values()}
-            lines.append(f"- {model} on {test}: " + ", ".join(f"{o} {ra._fmt(d)}" for o, d in per_organ.items()))
+            lines.append(f"- {model} on {test}: " + ", ".join(f"{o} {format_number(d)}" for o, d in per_organ.items()))
     return "\n".join(lines) + "\n"
 
 
