@@ -10,6 +10,8 @@
 # (summary.md, metrics.csv, dice_boxplot.png, settings.json). DIR defaults to
 # /tmp/isseg-phantom-benchmark, outside the repository. Other options go to `isseg evaluate`
 # (e.g. --steps 80 --seed 1). Every case and the refinement are seeded: a rerun repeats the numbers.
+# A second run into the same DIR needs --resume (finish an interrupted one: finished cases are read
+# back) or --overwrite (start over).
 #
 # Time: about 6 minutes per case on a 2-core CPU (4 variants of about 80 s, plus the registration
 # baseline), so about 75 minutes for 12 cases; a few minutes in all on a GPU (--device cuda).
