@@ -109,96 +109,145 @@ def train_package(dataset: Path, output: Path, settings: TrainSettings, events: 
                   name: str | None = None, description: str = "") -> Path:
     """Train a network on the dataset and write a complete model package to `output`."""
     device = resolve_device(device_name)
-    entries, names = read_msd_dataset(dataset)
-    events.emit("stage", stage="load", cases=len(entries))
-    cases = [load_case(case_id, image_path, label_path, names, settings) for case_id, image_path, label_path in entries]
-    labels = [describe_label(value, names[value]) for value in sorted(names) if value != 0]
-    if [label["value"] for label in labels] != list(range(1, len(labels) + 1)):
-        raise BadInputError(f"dataset.json labels must be numbered 0..N without gaps (got {sorted(names)}).")
+    cases, names, labels = _load_dataset(dataset, settings, events)
     train_index, validation_index = split_cases([c.case_id for c in cases], settings.validation_fraction, settings.seed)
-    train_images, train_labels = _stack([cases[i] for i in train_index], settings.intensity_window)
     validation = [cases[i] for i in validation_index]
-
-    network_config = {"name": "UNet", "args": {
-        "spatial_dims": 3, "in_channels": 1, "out_channels": len(labels) + 1, "channels": list(settings.channels),
-        "strides": [2] * (len(settings.channels) - 1), "num_res_units": 1, "norm": "INSTANCE"}}
-    network = build_monai_network(network_config).to(device)
-    optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps, eta_min=settings.learning_rate * 0.05)
-    loss_function = segmentation_loss(settings.loss)
-    rng = np.random.default_rng(settings.seed)
-    torch.manual_seed(settings.seed)
     output.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = output / "checkpoint.pt"
-    curves = {"step": [], "train_loss": [], "validation_dice": []}
-    start_step = 0
-    if checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        network.load_state_dict(checkpoint["network"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        curves = json.loads(checkpoint["curves"])
-        start_step = int(checkpoint["step"])
-        rng = np.random.default_rng([settings.seed, start_step])
-        events.emit("stage", stage="resume", step=start_step)
-
-    patch = zyx(settings.patch_size)
-    appearance = AppearanceRandomizer(names, settings.intensity_window) if settings.randomize_appearance else None
-    images = _pad_to_common(train_images, 0.0)
-    label_volumes = _pad_to_common(train_labels, 0)
-    clock = RunClock(settings.steps - start_step)
-    events.emit("stage", stage="train")
-    recent_losses = []
+    training = _Training.start(settings, len(labels), device, output / "checkpoint.pt", events)
     started = time.monotonic()
-    for step in range(start_step + 1, settings.steps + 1):
-        loss = train_step(network, optimizer, loss_function, images, label_volumes, patch, rng, settings.patches, device,
-                          appearance)
-        scheduler.step()
-        recent_losses.append(loss)
-        clock.advance(1)
-        events.emit("progress", stage="train", step=step, total=settings.steps, loss=round(loss, 5), eta_s=clock.seconds_left())
-        if step % settings.evaluate_every == 0 or step == settings.steps:
-            validation_dice = _validation_dice(network, validation, settings, device, len(labels))
-            curves["step"].append(step)
-            curves["train_loss"].append(float(np.mean(recent_losses)))
-            curves["validation_dice"].append(validation_dice)
-            recent_losses = []
-            events.emit("progress", stage="validate", step=step, total=settings.steps, loss=None, eta_s=clock.seconds_left(),
-                        validation_dice=validation_dice)
-            torch.save({"network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "curves": json.dumps(curves), "step": step}, checkpoint_path)
-
-    events.emit("stage", stage="thresholds")
-    probabilities, truths = [], []
-    for case in validation:
-        probabilities.append(predict_probabilities(network, image_tensor(case.image, settings.intensity_window), patch, device)[0].numpy())
-        truths.append(sitk.GetArrayFromImage(case.labels))
-    thresholds = choose_thresholds(probabilities, truths, len(labels)) if validation else []
-    for label, choice in zip(labels, thresholds):
-        # Only a clear gain on the validation cases justifies leaving the argmax.
-        if choice["threshold"] is not None and choice["dice_at_threshold"] >= (choice["dice_at_0.5"] or 0) + THRESHOLD_MIN_GAIN:
-            label["threshold"] = choice["threshold"]
+    _train(training, [cases[i] for i in train_index], validation, names, settings, device, events)
+    thresholds = _thresholds(training.network, validation, labels, settings, device, events)
     config = {
         "name": name or f"{Path(dataset).name} model",
         "version": "1.0",
         "description": description or f"UNet trained with isseg train on {len(train_index)} cases of {dataset}.",
         "license": "Same as the training data",
         "citation": "Chen et al., Inference-specific learning for improved medical image segmentation, Med Phys 2025, doi:10.1002/mp.17883",
-        "network": network_config,
+        "network": training.network_config,
         "input": {"spacing": list(settings.spacing), "orientation": settings.orientation,
                   "intensity": {"a_min": settings.intensity_window[0], "a_max": settings.intensity_window[1]}},
         "patch_size": list(settings.patch_size),
         "labels": labels,
         "thresholds_on_validation": thresholds,
         "training": {"settings": _plain_settings(settings), "train_cases": [cases[i].case_id for i in train_index],
-                     "validation_cases": [c.case_id for c in validation], "curves": curves,
+                     "validation_cases": [c.case_id for c in validation], "curves": training.curves,
                      "seconds": round(time.monotonic() - started, 1), "device": str(device)},
     }
     atlas = [(cases[i].case_id, cases[i].image, cases[i].labels) for i in train_index]
-    model_package.save(output, config, network.cpu(), atlas)
-    checkpoint_path.unlink(missing_ok=True)
-    events.emit("done", package=str(output), validation_dice=curves["validation_dice"][-1] if curves["validation_dice"] else None)
+    model_package.save(output, config, training.network.cpu(), atlas)
+    training.checkpoint_path.unlink(missing_ok=True)
+    curve = training.curves["validation_dice"]
+    events.emit("done", package=str(output), validation_dice=curve[-1] if curve else None)
     return output
+
+
+def _load_dataset(dataset: Path, settings: TrainSettings, events: EventWriter,
+                  ) -> tuple[list[LabelledCase], dict[int, str], list[dict]]:
+    """The cases on the model grid, the label names (value -> name) and the model.json label entries."""
+    entries, names = read_msd_dataset(dataset)
+    events.emit("stage", stage="load", cases=len(entries))
+    cases = [load_case(case_id, image_path, label_path, names, settings) for case_id, image_path, label_path in entries]
+    labels = [describe_label(value, names[value]) for value in sorted(names) if value != 0]
+    if [label["value"] for label in labels] != list(range(1, len(labels) + 1)):
+        raise BadInputError(f"dataset.json labels must be numbered 0..N without gaps (got {sorted(names)}).")
+    return cases, names, labels
+
+
+@dataclass
+class _Training:
+    """The network, its optimizer and schedule, the curves so far and the step to continue after
+    (0 for a new run, the checkpoint's step when one is resumed)."""
+
+    network_config: dict
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rng: np.random.Generator
+    checkpoint_path: Path
+    curves: dict = field(default_factory=lambda: {"step": [], "train_loss": [], "validation_dice": []})
+    start_step: int = 0
+
+    @classmethod
+    def start(cls, settings: TrainSettings, num_labels: int, device, checkpoint_path: Path,
+              events: EventWriter) -> "_Training":
+        """A new UNet for `num_labels` labels plus background, or the one `checkpoint_path` holds."""
+        network_config = {"name": "UNet", "args": {
+            "spatial_dims": 3, "in_channels": 1, "out_channels": num_labels + 1, "channels": list(settings.channels),
+            "strides": [2] * (len(settings.channels) - 1), "num_res_units": 1, "norm": "INSTANCE"}}
+        network = build_monai_network(network_config).to(device)
+        optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps,
+                                                               eta_min=settings.learning_rate * 0.05)
+        training = cls(network_config, network, optimizer, scheduler, np.random.default_rng(settings.seed),
+                       checkpoint_path)
+        torch.manual_seed(settings.seed)
+        if checkpoint_path.exists():
+            checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+            network.load_state_dict(checkpoint["network"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            training.curves = json.loads(checkpoint["curves"])
+            training.start_step = int(checkpoint["step"])
+            training.rng = np.random.default_rng([settings.seed, training.start_step])
+            events.emit("stage", stage="resume", step=training.start_step)
+        return training
+
+    @property
+    def num_labels(self) -> int:
+        return self.network_config["args"]["out_channels"] - 1
+
+    def save_checkpoint(self, step: int) -> None:
+        torch.save({"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "curves": json.dumps(self.curves), "step": step},
+                   self.checkpoint_path)
+
+
+def _train(training: _Training, train_cases: list[LabelledCase], validation: list[LabelledCase],
+           names: dict[int, str], settings: TrainSettings, device, events: EventWriter) -> None:
+    """Fine-tune from `training.start_step` to `settings.steps`; validate and checkpoint every
+    `settings.evaluate_every` steps and at the end."""
+    train_images, train_labels = _stack(train_cases, settings.intensity_window)
+    loss_function = segmentation_loss(settings.loss)
+    patch = zyx(settings.patch_size)
+    appearance = AppearanceRandomizer(names, settings.intensity_window) if settings.randomize_appearance else None
+    images = _pad_to_common(train_images, 0.0)
+    label_volumes = _pad_to_common(train_labels, 0)
+    clock = RunClock(settings.steps - training.start_step)
+    events.emit("stage", stage="train")
+    recent_losses = []
+    for step in range(training.start_step + 1, settings.steps + 1):
+        loss = train_step(training.network, training.optimizer, loss_function, images, label_volumes, patch,
+                          training.rng, settings.patches, device, appearance)
+        training.scheduler.step()
+        recent_losses.append(loss)
+        clock.advance(1)
+        events.emit("progress", stage="train", step=step, total=settings.steps, loss=round(loss, 5), eta_s=clock.seconds_left())
+        if step % settings.evaluate_every == 0 or step == settings.steps:
+            validation_dice = _validation_dice(training.network, validation, settings, device, training.num_labels)
+            training.curves["step"].append(step)
+            training.curves["train_loss"].append(float(np.mean(recent_losses)))
+            training.curves["validation_dice"].append(validation_dice)
+            recent_losses = []
+            events.emit("progress", stage="validate", step=step, total=settings.steps, loss=None, eta_s=clock.seconds_left(),
+                        validation_dice=validation_dice)
+            training.save_checkpoint(step)
+
+
+def _thresholds(network: torch.nn.Module, validation: list[LabelledCase], labels: list[dict], settings: TrainSettings,
+                device, events: EventWriter) -> list[dict]:
+    """choose_thresholds on the validation cases; a label gets its threshold only for a clear gain."""
+    events.emit("stage", stage="thresholds")
+    probabilities, truths = [], []
+    for case in validation:
+        probabilities.append(predict_probabilities(network, image_tensor(case.image, settings.intensity_window),
+                                                   zyx(settings.patch_size), device)[0].numpy())
+        truths.append(sitk.GetArrayFromImage(case.labels))
+    thresholds = choose_thresholds(probabilities, truths, len(labels)) if validation else []
+    for label, choice in zip(labels, thresholds):
+        # Only a clear gain on the validation cases justifies leaving the argmax.
+        if choice["threshold"] is not None and choice["dice_at_threshold"] >= (choice["dice_at_0.5"] or 0) + THRESHOLD_MIN_GAIN:
+            label["threshold"] = choice["threshold"]
+    return thresholds
 
 
 def _plain_settings(settings: TrainSettings) -> dict:
