@@ -266,8 +266,6 @@ def test_headneck_tissues_add_skull_spine_and_body_without_touching_organs():
     vertebra = np.isin(tissues, (sct.HeadNeckTissue.VERTEBRAL_BODY,
                                  sct.HeadNeckTissue.VERTEBRAL_CORTEX))
     assert np.argwhere(vertebra)[:, 0].max() < 36  # only along the spinal canal
-    target = sitk.GetArrayFromImage(sct.headneck_target_labels(sct.headneck_tissues(organs)))
-    np.testing.assert_array_equal(target, labels)
 
 
 def test_write_msd_dataset(tmp_path, tissue_map):

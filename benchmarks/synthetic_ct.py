@@ -785,11 +785,6 @@ def headneck_scan_tissues(scan_dir: Path,
                               margin_mm=10.0)
 
 
-def headneck_target_labels(tissues: sitk.Image) -> sitk.Image:
-    """Organ labels (1..21) from a head-and-neck tissue map; generated tissues -> 0."""
-    return relabel(tissues, {value: value for value in HEADNECK_LABEL.values()})
-
-
 def headneck_patient_split(scans: Iterable[str], seed: int,
                            test_fraction: float = 0.25) -> tuple[list[str], list[str]]:
     """Split scan names into (train, test) by patient, reproducibly.

@@ -156,8 +156,8 @@ class CaseTraining:
         labels = sitk.GetArrayFromImage(resample_to(labelmap_like(edits.labels, input_image), model_image, is_label=True))
         return cls(image, labels.astype(np.int64), trusted, patch_zyx, seed)
 
-    def step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-        """One optimiser step on fresh patches; returns the loss value."""
+    def step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        """One optimiser step on fresh patches."""
         patches = torch.stack([torch.as_tensor(p) for p in self.cropper(self.volume, weight_map=self.volume[2:3])])
         image, labels, mask = patches[:, :1].to(device), patches[:, 1:2].round().long().to(device), patches[:, 2:3].to(device)
         network.train()
@@ -169,4 +169,3 @@ class CaseTraining:
         loss = cross_entropy + self.dice(logits, labels, mask=mask)
         loss.backward()
         optimizer.step()
-        return float(loss.detach())

@@ -19,7 +19,6 @@ import SimpleITK as sitk
 from .dicom_series import read_series
 from .errors import BadInputError, DiskError
 
-READABLE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 # A write that fails with less free space than this on the disk failed for want of space.
 LOW_SPACE_BYTES = 64 * 2**20
 

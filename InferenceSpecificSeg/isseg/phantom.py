@@ -12,7 +12,7 @@ Everything is driven by one seed: the same `PhantomSpec` gives the same voxels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -64,7 +64,6 @@ class Phantom:
     image: sitk.Image
     labels: sitk.Image
     spec: PhantomSpec
-    label_info: list[dict] = field(default_factory=lambda: [dict(label) for label in LABELS])
 
 
 def training_spec(seed: int, **changes) -> PhantomSpec:

@@ -117,14 +117,12 @@ class RunCase:
 @dataclass
 class RunResult:
     """What a run produced: the files (labelmap and probabilities, report.json), whether it was cancelled
-    (a partial result), the snapshots published so far (over all attempts), the initial probabilities
-    (1, C, z, y, x) on the model grid and the prepared case."""
+    (a partial result), the initial probabilities (1, C, z, y, x) on the model grid and the prepared case."""
 
     labelmap: Path
     probabilities: Path
     report: Path
     partial: bool
-    snapshots: int
     initial_probabilities: torch.Tensor
     case: RunCase
 
@@ -353,7 +351,7 @@ class Run:
             "from_edits": self.edits is not None,
         }
         report_path = write_text_atomic(json.dumps(report, indent=1), self.output_dir / protocol.REPORT_FILE)
-        result = RunResult(labelmap_path, probabilities_path, report_path, partial, self._snapshots, initial, case)
+        result = RunResult(labelmap_path, probabilities_path, report_path, partial, initial, case)
         self.events.emit(protocol.EVENT_CANCELLED if partial else protocol.EVENT_DONE, **result.event_fields())
         return result
 

@@ -56,10 +56,9 @@ class MovingAverage:
         self.momentum = momentum if enabled else 0.0
         self.updates = 0
 
-    def update(self, prediction: torch.Tensor) -> torch.Tensor:
+    def update(self, prediction: torch.Tensor) -> None:
         self.value = self.momentum * self.value + (1 - self.momentum) * prediction
         self.updates += 1
-        return self.value
 
 
 class RefineObserver:
