@@ -8,8 +8,10 @@ demo model; a simulated user corrects the organ with the lowest Dice on 3 axial 
 of its true extent: the truth is copied into those slices for that organ), and runs `isseg refine
 --initial-mask --edited-region` with the same settings. Prints and writes DIR/summary.md: Dice per organ
 after both runs with paired Wilcoxon p-values, the corrected organ's Dice on the slices NOT edited, and the
-AUC of both uncertainty measures (entropy of probabilities.nrrd, disagreement from uncertainty.nrrd) as
-detectors of the plain run's wrong voxels. Runs are seeded; a rerun skips runs already finished.
+AUC of both uncertainty measures as detectors of the plain run's wrong voxels: the plain run writes the
+disagreement map (`--uncertainty disagreement`, which changes only what uncertainty.nrrd shows, not the
+mask), and the entropy (the default map) is computed from its probabilities.nrrd. Runs are seeded; a
+rerun skips runs already finished.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def run_case(seed: int, work: Path, options: list[str]) -> dict:
     image_path = folder / "image.nrrd"
     sitk.WriteImage(case.image, str(image_path))
     truth = sitk.GetArrayFromImage(case.labels).astype(np.int64)
-    plain = refine(image_path, folder / "plain", options)
+    plain = refine(image_path, folder / "plain", options, "--uncertainty", "disagreement")
     plain_dice = dice_per_label(plain, truth, ORGANS)
     worst = 1 + int(np.nanargmin(plain_dice))
     edited, region, slices = simulate_correction(plain, truth, worst)
