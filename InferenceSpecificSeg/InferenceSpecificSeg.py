@@ -27,14 +27,15 @@ from slicer.util import VTKObservationMixin
 
 from InferenceSpecificSegLib import dependencies, models
 from InferenceSpecificSegLib.logic import RefinementLogic, RunState, isDemoPhantom, markAsDemoPhantom
-from InferenceSpecificSegLib.protocol import readSegmentsFile
+from InferenceSpecificSegLib.protocol import describeOrganChanges, readSegmentsFile
 from InferenceSpecificSegLib.segmentation import addLabelmapAsSegmentation
 from InferenceSpecificSegLib.settings import AlignmentMode, Device, Loss, RunSettings
 from InferenceSpecificSegLib.worker import WorkerError, WorkerTask, WorkerTaskPoller, deviceInfoFromTask, workerEnvironment
 
 
 # Each library module after the ones it imports (onReload reloads them in this order).
-LIBRARY_MODULES_IN_IMPORT_ORDER = ("i18n", "settings", "protocol", "worker", "models", "dependencies", "segmentation", "logic")
+LIBRARY_MODULES_IN_IMPORT_ORDER = ("i18n", "settings", "protocol", "worker", "models", "dependencies", "segmentation",
+                                   "edits", "review", "logic")
 
 
 class InferenceSpecificSeg(ScriptedLoadableModule):
@@ -52,9 +53,11 @@ network is fine-tuned on them, and the moving average of its predictions is show
 <li>Select the CT volume and a model (the built-in demo or an installed model package).</li>
 <li>Press <b>Start</b>. On the first run, missing Python packages (PyTorch, MONAI, ...) are offered for installation.</li>
 <li>Watch the segmentation update; press <b>Cancel</b> at any time to keep the last result (marked partial).</li>
-<li>Press <b>Edit in Segment Editor</b> to correct the result.</li>
+<li>Press <b>Edit in Segment Editor</b> to correct the result, then <b>Refine from edits</b>: the run starts
+from your corrections, keeps every voxel you changed and refines the rest with them.</li>
+<li>In <b>Review</b>, show where the result is unsure over the CT, and see per organ what the refinement changed.</li>
 </ol>
-A segmentation you edit during a run is never overwritten: later results go to a new segmentation.
+A segmentation you edit is never overwritten: later results, also those refined from your edits, go to a new segmentation.
 See the <a href="https://github.com/InferenceSpecificSeg/InferenceSpecificSeg/blob/main/README.md#in-3d-slicer">user guide</a>.
 """)
         self.parent.acknowledgementText = _("""
@@ -114,6 +117,9 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.editButton.connect("clicked(bool)", self.onEditButton)
+        self.ui.refineFromEditsButton.connect("clicked(bool)", self.onRefineFromEditsButton)
+        self.ui.uncertaintyCheckBox.connect("toggled(bool)", self.logic.run.showUncertainty)
+        self.logic.run.onResultEdited = self.updateRefineFromEditsButton  # the user painted, erased, added a segment
         self.ui.runFolderLabel.connect("linkActivated(QString)", self.onRunFolderLink)
         self.ui.loadPhantomButton.connect("clicked(bool)", self.onLoadPhantomButton)
         self.ui.demoWarningLabel.text = _(
@@ -249,12 +255,24 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         # The device answer is not waited for: the run resolves the device itself, the line follows when it comes.
         self.startDeviceQuery()
         with slicer.util.tryWithErrorDisplay(_("Could not start the run."), waitCursor=True):
-            settings = RunSettings(parameters.steps, parameters.device, parameters.alignment,
-                                   parameters.momentum, parameters.loss)
-            self.logic.run.start(parameters.inputVolume, parameters.model, settings)
+            self.logic.run.start(parameters.inputVolume, parameters.model, self.runSettings())
             slicer.util.setSliceViewerLayers(background=parameters.inputVolume, fit=True)
             self.pollTimer.start()
         self.showStatus()
+
+    def runSettings(self) -> RunSettings:
+        parameters = self._parameterNode
+        return RunSettings(parameters.steps, parameters.device, parameters.alignment, parameters.momentum, parameters.loss)
+
+    def onRefineFromEditsButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not refine from your edits."), waitCursor=True):
+            self.logic.run.refineFromEdits(self.runSettings())
+            self.pollTimer.start()
+        self.showStatus()
+
+    def updateRefineFromEditsButton(self) -> None:
+        """Enabled when the result differs from what the worker published (a cheap check: no voxel is read)."""
+        self.ui.refineFromEditsButton.enabled = self.logic.run.canRefineFromEdits()
 
     def onPollTimer(self) -> None:
         status = self.logic.run.poll()
@@ -265,6 +283,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.showStatus()
         if not status.active:
             self.pollTimer.stop()
+            self.updateRefineFromEditsButton()
+            self.logic.run.showUncertainty(self.ui.uncertaintyCheckBox.checked)  # the new map, if shown
             if status.state == RunState.FAILED:
                 slicer.util.errorDisplay(status.errorMessage, windowTitle=_("The run failed"))
 
@@ -288,6 +308,11 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         elif status.message:
             self.ui.statusLabel.text = status.message
         self.ui.editButton.enabled = not running and bool(self._parameterNode and self._parameterNode.outputSegmentation)
+        if running:
+            self.ui.refineFromEditsButton.enabled = False
+        self.ui.uncertaintyCheckBox.enabled = self.logic.run.uncertaintyNode is not None
+        self.ui.changesLabel.text = describeOrganChanges(status.organChanges) or _(
+            "After a run: per organ, what the refinement changed.")
         if not self.ui.logCollapsibleButton.collapsed:
             self.ui.logTextEdit.setPlainText(self.logic.run.logTail())
         failed = status.state == RunState.FAILED and self.logic.run.runDirectory is not None

@@ -3,6 +3,7 @@ from the slicer-core wheel, volumes with chosen geometry, and labelmap files as 
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,10 @@ SEGMENTS = [{"value": 1, "name": "liver", "color": [0.86, 0.55, 0.42], "terminol
                 "type": {"scheme": "SCT", "code": "10200004", "meaning": "Liver"}}},
             {"value": 2, "name": "spleen", "color": [0.62, 0.35, 0.71], "terminology": {}}]
 cancelled = False
+ORGAN_CHANGES = [{"value": 1, "name": "liver", "volume_initial_ml": 1.25, "volume_refined_ml": 2.5, "dice": 0.8,
+                  "max_surface_distance_mm": 4.5, "uncertain_share": 0.3, "review": ["changed", "uncertain"]},
+                 {"value": 2, "name": "spleen", "volume_initial_ml": 0.0, "volume_refined_ml": 0.0, "dice": None,
+                  "max_surface_distance_mm": None, "uncertain_share": None, "review": []}]
 
 
 def emit(**event):
@@ -204,6 +209,11 @@ def main(arguments):
         emit(event="done", labelmap=str(output / "missing.nrrd"), probabilities=None, report=None, partial=False)
         return 0
     labelmap = writeLabels(reference, 3 + steps, output / "labelmap.nrrd")
+    size = reference.GetSize()
+    uncertainty = sitk.GetImageFromArray(np.linspace(0, 1, size[0] * size[1] * size[2], dtype=np.float32).reshape(size[::-1]))
+    uncertainty.CopyInformation(reference)
+    sitk.WriteImage(uncertainty, str(output / "uncertainty.nrrd"), True)
+    emit(event="organ_changes", organs=ORGAN_CHANGES)
     if model != "fake-no-report":  # the real worker writes report.json last: the mark of a complete result
         (output / "report.json").write_text(json.dumps({"partial": False}), encoding="utf-8")
     emit(event="done", labelmap=labelmap, probabilities=None, report=str(output / "report.json"), partial=False)
@@ -259,3 +269,54 @@ def writeLauncher(directory: Path) -> Path:
     path = Path(directory) / "launcher.py"
     path.write_text(LAUNCHER, encoding="utf-8")
     return path
+
+
+def paintSegment(segmentationNode, segmentId, mask: np.ndarray, volumeNode, erase=False) -> None:
+    """Paint (or erase) the voxels mask[k, j, i] of the grid of `volumeNode` in a segment, through the
+    segmentation API that the Segment Editor's Paint and Erase effects use, as its effects call it
+    (qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap in Slicer 5.8.1: painting merges the mask
+    and overwrites every other segment there, erasing is a minimum with the inverted mask)."""
+    image = slicer.vtkOrientedImageData()
+    image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+    voxels = (~mask if erase else mask).astype(np.uint8)
+    image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(voxels).ravel(), deep=True,
+                                                 array_type=vtk.VTK_UNSIGNED_CHAR))
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if erase:
+        assert logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_MERGE_MIN)
+    else:
+        others = [other for other in segmentIds(segmentationNode) if other != segmentId]
+        assert logic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, logic.MODE_MERGE_MASK,
+                                                image.GetExtent(), False, others)
+
+
+def voxelsOfFile(path) -> np.ndarray:
+    """voxels[k, j, i] of an image file (as the worker reads it)."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def pollUntil(logic, condition, seconds=120.0):
+    """Call the RefinementLogic's poll() as the GUI timer does until condition(status); the status."""
+    deadline = time.monotonic() + seconds
+    while not condition(logic.poll()):
+        assert time.monotonic() < deadline, f"timed out; status: {logic.status}"
+        time.sleep(0.05)
+    return logic.status
+
+
+def addPhantomVolume(scene, directory: Path, size, spacing, name="Phantom"):
+    """A synthetic abdomen (isseg.phantom, seed 5) of `size` voxels (x, y, z) and `spacing` mm, written as
+    int16 NRRD into `directory` and read into a new scalar volume node, as a user would load a CT."""
+    from isseg.phantom import PhantomSpec, generate
+
+    phantom = generate(PhantomSpec(seed=5, size=size, spacing=spacing))
+    path = Path(directory) / "phantom.nrrd"
+    sitk.WriteImage(sitk.Cast(phantom.image, sitk.sitkInt16), str(path))
+    volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storageNode.SetFileName(str(path))
+    assert storageNode.ReadData(volumeNode)
+    return volumeNode

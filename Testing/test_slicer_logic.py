@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from slicer_test_support import addVolume, newScene, processAlive, processGroupMembers, segmentIds, writeFakeEngine
+from slicer_test_support import (addPhantomVolume, addVolume, newScene, pollUntil, processAlive, processGroupMembers,
+                                 segmentIds, writeFakeEngine)
 
-import slicer
 from InferenceSpecificSegLib.logic import RefinementLogic, RunState
 from InferenceSpecificSegLib.settings import Device, RunSettings
 
@@ -33,14 +33,6 @@ def fakeLogic(scene, tmp_path):
                             cancelTimeoutSeconds=1.0)
     yield logic
     logic.stopNow()
-
-
-def pollUntil(logic, condition, seconds=120.0):
-    deadline = time.monotonic() + seconds
-    while not condition(logic.poll()):
-        assert time.monotonic() < deadline, f"timed out; status: {logic.status}"
-        time.sleep(0.05)
-    return logic.status
 
 
 def test_run_updates_one_node_live_and_ends_with_the_final_result(fakeLogic, volumeNode, scene):
@@ -142,16 +134,7 @@ def test_one_run_at_a_time(fakeLogic, volumeNode):
 def test_real_worker_on_a_tiny_phantom_publishes_snapshots_and_cancels(scene, tmp_path):
     """Needs the engine (isseg.cli): `python -m isseg.cli refine --input IN --model demo --output DIR --steps 20
     --device cpu`, started by the logic exactly as in Slicer."""
-    import SimpleITK as sitk
-    from isseg.phantom import PhantomSpec, generate
-
-    phantom = generate(PhantomSpec(seed=5, size=(48, 48, 32), spacing=(6.0, 6.0, 6.0)))
-    phantomPath = tmp_path / "phantom.nrrd"
-    sitk.WriteImage(sitk.Cast(phantom.image, sitk.sitkInt16), str(phantomPath))
-    volumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Phantom")
-    storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storageNode.SetFileName(str(phantomPath))
-    assert storageNode.ReadData(volumeNode)
+    volumeNode = addPhantomVolume(scene, tmp_path, (48, 48, 32), (6.0, 6.0, 6.0))
 
     logic = RefinementLogic(scene, sys.executable, workDirectory=tmp_path, cancelTimeoutSeconds=30.0)
     try:

@@ -268,3 +268,34 @@ def test_demo_on_a_real_ct_is_flagged_and_load_demo_phantom_adds_the_phantom_and
 
     widget.ui.inputVolumeSelector.setCurrentNode(volumeNode)  # back to the real CT: the warning again
     assert widget.ui.demoWarningLabel.visible
+
+
+def test_refine_from_edits_uncertainty_overlay_and_change_list(slicerApp, volumeNode):
+    from slicer_test_support import paintSegment
+
+    _, widget = loadModule(slicerApp, writeFakeEngine(slicerApp.tmp))
+    sliceView = slicerApp.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    pickVolumeAndModel(widget, volumeNode, "fake")
+    assert not widget.ui.refineFromEditsButton.enabled and not widget.ui.uncertaintyCheckBox.enabled
+    widget._parameterNode.steps = 2
+    widget.ui.startButton.click()
+    runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
+    result = widget._parameterNode.outputSegmentation
+    assert not widget.ui.refineFromEditsButton.enabled  # nothing edited yet
+    assert "<td>liver</td>" in widget.ui.changesLabel.text and "<td>0.800</td>" in widget.ui.changesLabel.text
+    widget.ui.uncertaintyCheckBox.click()
+    assert sliceView.GetForegroundVolumeID() == widget.logic.run.uncertaintyNode.GetID()
+    widget.ui.uncertaintyCheckBox.click()
+    assert sliceView.GetForegroundVolumeID() is None
+
+    painted = np.zeros((10, 12, 14), bool)
+    painted[0:2, 0:3, 0:3] = True
+    paintSegment(result, "label_2", painted, volumeNode)  # fires the segmentation's events as the Segment Editor does
+    runEventLoop(slicerApp, lambda: widget.ui.refineFromEditsButton.enabled, seconds=10)
+    widget.ui.refineFromEditsButton.click()
+    assert widget.logic.run.status.active and not widget.ui.refineFromEditsButton.enabled
+    runEventLoop(slicerApp, lambda: not widget.logic.run.status.active)
+    assert widget.logic.run.status.state.value == "done", widget.logic.run.status.message
+    assert widget._parameterNode.outputSegmentation is not result
+    assert widget._parameterNode.outputSegmentation.GetName() == "CT ISL from edits"
+    assert not widget.ui.refineFromEditsButton.enabled and slicerApp.dialogs.shown == []

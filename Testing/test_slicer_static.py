@@ -165,7 +165,7 @@ def test_slicer_side_parses_as_python_39():
 
 
 # Methods of VTK itself or of Python libraries (not Slicer's): not in the 5.8 list.
-NOT_SLICER_API = {"ArchiveError", "GetPointData", "GetScalars", "SetScalars", "GetExtent", "InsertNextValue", "ModifiedEvent", "GetMTime",
+NOT_SLICER_API = {"ArchiveError", "GetPointData", "GetScalars", "SetScalars", "GetExtent", "GetDimensions", "SetDimensions", "AddObserver", "RemoveObserver", "InsertNextValue", "ModifiedEvent", "GetMTime",
                   "ModelPackageError", "PackageNotFoundError", "Popen", "PyTorchUtilsLogic", "QFileDialog", "QMenu",
                   "QTimer", "SimpleQueue", "Thread", "TimeoutExpired", "WaitCursor", "ZipFile", "Empty", "Enum"}
 

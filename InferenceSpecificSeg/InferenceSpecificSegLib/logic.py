@@ -1,5 +1,6 @@
-"""One refinement run seen from the scene: start the worker on a volume, turn its events into progress
-and segmentation updates (`poll`, called from a timer in the GUI thread), cancel it.
+"""One refinement run seen from the scene: start the worker on a volume (or on the user's corrections of
+the last result), turn its events into progress and segmentation updates (`poll`, called from a timer in
+the GUI thread), cancel it; afterwards the uncertainty map and the per-organ change list for review.
 
 Imports the MRML classes of `slicer`, vtk, numpy and the GUI-free library; never Qt or torch.
 """
@@ -12,13 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import slicer
+
 from .i18n import tr as _
-from .protocol import EXIT_CANCELLED, REPORT_FILE, SEGMENTS_FILE, ProtocolError, RunProgress, readSegmentsFile, resultIsComplete
+from .edits import editedRegion, exportModelLabels, writeLabelsForWorker
+from .protocol import (EXIT_CANCELLED, OPTION_EDITED_REGION, OPTION_INITIAL_MASK, REPORT_FILE, SEGMENTS_FILE,
+                       UNCERTAINTY_FILE, ProtocolError, RunProgress, readSegmentsFile, resultIsComplete)
+from .review import loadUncertainty, showOverlay
 from .segmentation import LiveSegmentation, writeVolumeForWorker
 from .settings import RunSettings
 from .worker import WorkerProcess, readLogTail, workerCommand, workerEnvironment
 
 MODULE_DIRECTORY = Path(__file__).resolve().parent.parent  # holds the isseg package
+# What the user's edits of a segmentation node fire (voxels painted or erased, segments added or removed).
+EDIT_EVENTS = (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentAdded,
+               slicer.vtkSegmentation.SegmentRemoved, slicer.vtkSegmentation.SegmentModified)
 
 
 # Set on the CT that the panel's "Load demo phantom" added (saved with the scene): the demo model works on it.
@@ -46,7 +55,8 @@ class RunState(enum.Enum):
 @dataclass
 class RunStatus:
     """What the panel shows: the state, a one-line message, the progress of the current stage, the result
-    node (None until the first snapshot) and how many results have been loaded into the scene."""
+    node (None until the first snapshot), how many results have been loaded into the scene and the
+    per-organ change rows of the `organ_changes` event (docs/worker-protocol.md)."""
 
     state: RunState = RunState.IDLE
     message: str = ""
@@ -54,6 +64,7 @@ class RunStatus:
     segmentationNode: object = None
     resultsLoaded: int = 0
     errorMessage: Optional[str] = None
+    organChanges: list = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -67,6 +78,11 @@ class RefinementLogic:
     the `isseg` package (put first on the worker's PYTHONPATH), `workDirectory` the parent of the private
     run folders; a cancel writes the cancel file, `cancelSignalSeconds` later SIGTERM goes to the worker's
     process group, and `cancelTimeoutSeconds` after the cancel the process tree is killed.
+
+    Edits are never overwritten: a run from edits writes to a new node, and the edited node is left as it is.
+    `editedRegion` is the region the last run from edits trusted (None after a plain start), `uncertaintyNode`
+    the scalar volume showing the last uncertainty map (None before the first). `onResultEdited`, when set,
+    is called (without arguments) each time the current result node fires an edit event.
     """
 
     def __init__(self, scene, pythonExecutable: str, moduleDirectory=MODULE_DIRECTORY, workDirectory=None,
@@ -84,6 +100,12 @@ class RefinementLogic:
         self._live: Optional[LiveSegmentation] = None
         self._outcomeEvent: Optional[dict] = None  # the worker's done, cancelled or error event
         self._finalResultLoaded = False
+        self._model: Optional[str] = None
+        self._editsSource = None  # the edited node the current run started from, if any
+        self.editedRegion = None
+        self.uncertaintyNode = None
+        self.onResultEdited = None
+        self._watched = (None, [])  # the result node observed for edits, and its observer tags
 
     @property
     def workerProcessId(self) -> Optional[int]:
@@ -98,8 +120,47 @@ class RefinementLogic:
         """Write `volumeNode` to a new private run folder and start the worker on it with `model` ("demo" or
         a package folder) and `settings`. Returns at once; call `poll` to follow the run. Raises
         RuntimeError (with a user-facing message) when a run is going or the worker cannot start."""
+        self._ensureIdle()
+        status = self._launch(volumeNode, model, settings, _("{volume} ISL"), {})
+        self.editedRegion, self._editsSource = None, None
+        return status
+
+    def canRefineFromEdits(self) -> bool:
+        """True when no run is going and the last result's node has been edited: its content differs from
+        the result the worker published last."""
+        live = self._live
+        return not self.status.active and live is not None and live.publishedLabels is not None and live.edited
+
+    def refineFromEdits(self, settings: RunSettings) -> RunStatus:
+        """Start a run from the user's corrections of the last result (same CT and model, `settings` as for
+        `start`): the edited node exported on the CT grid is the worker's --initial-mask, the voxels that
+        differ from the last published result (and those trusted by an earlier run from edits) its
+        --edited-region. The result goes to a new node. Raises RuntimeError (user-facing message) when
+        there is nothing to refine from or the worker cannot start."""
+        self._ensureIdle()
+        if not self.canRefineFromEdits():
+            raise RuntimeError(_("Edit the last result in the Segment Editor first: the run starts from your corrections."))
+        live = self._live
+        edited = exportModelLabels(live.node, live.volumeNode, self.segments)
+        region = editedRegion(edited, live.publishedLabels, self.editedRegion)
+        if not region.any():
+            raise RuntimeError(_("No voxel differs from the last result: paint or erase in the Segment Editor first."))
+        labelFiles = {OPTION_INITIAL_MASK: ("initial_mask.nrrd", edited), OPTION_EDITED_REGION: ("edited_region.nrrd", region)}
+        status = self._launch(live.volumeNode, self._model, settings, _("{volume} ISL from edits"), labelFiles)
+        self.editedRegion, self._editsSource = region, live.node
+        return status
+
+    def showUncertainty(self, visible: bool) -> None:
+        """Show the last uncertainty map as the foreground of the slice views, or take it away."""
+        showOverlay(self.scene, self.uncertaintyNode, visible)
+
+    def _ensureIdle(self) -> None:
         if self.status.active:
             raise RuntimeError(_("A run is already going. Wait for it or cancel it first."))
+
+    def _launch(self, volumeNode, model: str, settings: RunSettings, baseName: str, labelFiles: dict) -> RunStatus:
+        """Write the volume and the `labelFiles` ({option: (file name, uint8 voxels [k, j, i])}) to a new run
+        folder, start the worker, and show its results in a new node named `baseName` (with {volume})."""
         if volumeNode is None or volumeNode.GetImageData() is None:
             raise RuntimeError(_("Select a CT volume that has image data."))
         self.runDirectory = Path(tempfile.mkdtemp(prefix="InferenceSpecificSeg-", dir=self.workDirectory))
@@ -108,10 +169,14 @@ class RefinementLogic:
         writeVolumeForWorker(volumeNode, inputPath)
         arguments = ["refine", "--input", inputPath, "--model", model, "--output", outputDirectory,
                      *settings.commandLineArguments()]
+        for option, (fileName, voxels) in labelFiles.items():
+            writeLabelsForWorker(voxels, volumeNode, self.runDirectory / fileName)
+            arguments += [option, self.runDirectory / fileName]
         self._worker = WorkerProcess(workerCommand(self.pythonExecutable, arguments), outputDirectory,
                                      self.runDirectory / "worker.log", workerEnvironment(self.moduleDirectory))
         logging.info("InferenceSpecificSeg run started in %s (worker %d)", self.runDirectory, self._worker.pid)
-        self._live = LiveSegmentation(self.scene, volumeNode, _("{volume} ISL").format(volume=volumeNode.GetName()))
+        self._live = LiveSegmentation(self.scene, volumeNode, baseName.format(volume=volumeNode.GetName()))
+        self._model = model
         self.segments = []
         self._outcomeEvent = None
         self._finalResultLoaded = False
@@ -135,6 +200,8 @@ class RefinementLogic:
                 self._outcomeEvent = event
             elif kind == "error":
                 self._outcomeEvent = event
+            elif kind == "organ_changes" and isinstance(event.get("organs"), list):
+                self.status.organChanges = event["organs"]
         if newestResult is not None:
             loaded = self._loadResult(Path(newestResult))
             self._finalResultLoaded = newestIsFinal and loaded
@@ -163,6 +230,7 @@ class RefinementLogic:
             self.status.state = RunState.CANCELLING
             self._worker.kill()
             self._settle()
+        self._watchForEdits(None)
 
     def _loadResult(self, labelmapPath: Path) -> bool:
         """Show the labelmap file in the run's segmentation node; False (and a log entry) when it cannot be read."""
@@ -175,8 +243,23 @@ class RefinementLogic:
             logging.warning("InferenceSpecificSeg could not load %s: %s", labelmapPath, error)
             return False
         self.status.segmentationNode = self._live.node
+        self._watchForEdits(self._live.node)
         self.status.resultsLoaded += 1
         return True
+
+    def _watchForEdits(self, node) -> None:
+        """Observe the edit events of `node` (None: of no node) instead of those of the node observed so far."""
+        watched, tags = self._watched
+        if node is watched:
+            return
+        for tag in tags:
+            watched.RemoveObserver(tag)
+        tags = [node.AddObserver(event, self._resultEdited) for event in EDIT_EVENTS] if node is not None else []
+        self._watched = (node, tags)
+
+    def _resultEdited(self, caller, event) -> None:
+        if self.onResultEdited is not None:
+            self.onResultEdited()
 
     def _settle(self) -> None:
         """Turn the exited worker's last event and exit code into the final state and message."""
@@ -184,6 +267,7 @@ class RefinementLogic:
         self._worker = None
         kind, returnCode = event.get("event"), worker.returnCode
         node = self.status.segmentationNode
+        self._loadUncertainty(worker.outputDirectory)
         if kind == "done" and self._finalResultLoaded and resultIsComplete(worker.outputDirectory):
             self.status.state = RunState.DONE
             self.status.message = _("Done: {count} segments in '{node}'.").format(count=len(self.segments), node=node.GetName())
@@ -196,12 +280,27 @@ class RefinementLogic:
             self.status.errorMessage = self._failureMessage(event, worker)
             self.status.message = _("Failed: {error}").format(error=self.status.errorMessage)
         if self.status.state != RunState.DONE and node is not None:
-            self._live.rename(_("{volume} ISL (partial)").format(volume=self._live.volumeNode.GetName()))
+            self._live.rename(_("{name} (partial)").format(name=self._live.baseName))
             self.status.message += " " + _("The last result is kept in '{node}'.").format(node=self._live.node.GetName())
         if self._live.editedNodes:
             self.status.message += " " + _("Your edits in {nodes} were kept; newer results went to a new node.").format(
                 nodes=", ".join(f"'{edited.GetName()}'" for edited in self._live.editedNodes))
+        if self._editsSource is not None and self._editsSource.GetScene() is self.scene:
+            self.status.message += " " + _("The segmentation you corrected, '{node}', is unchanged.").format(
+                node=self._editsSource.GetName())
         logging.info("InferenceSpecificSeg run ended: %s (worker exit code %s)", self.status.state.value, returnCode)
+
+    def _loadUncertainty(self, outputDirectory: Path) -> None:
+        """Load the run's uncertainty map, when it wrote one, into `uncertaintyNode` (before the run folder goes)."""
+        path = outputDirectory / UNCERTAINTY_FILE
+        if not path.exists() or self._live is None:
+            return
+        volumeNode = self._live.volumeNode
+        try:
+            self.uncertaintyNode = loadUncertainty(self.scene, path, volumeNode, _("{volume} ISL uncertainty").format(
+                volume=volumeNode.GetName()), self.uncertaintyNode)
+        except RuntimeError as error:
+            logging.warning("InferenceSpecificSeg could not load the uncertainty map: %s", error)
 
     def _failureMessage(self, event: dict, worker: WorkerProcess) -> str:
         if event.get("event") == "error":

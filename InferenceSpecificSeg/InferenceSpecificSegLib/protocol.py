@@ -3,13 +3,15 @@
 Readers ignore fields and events they do not know, so the protocol can grow.
 """
 
+import html
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from isseg.protocol import CANCEL_FILE, EXIT_CANCELLED, REPORT_FILE, SEGMENTS_FILE  # noqa: F401 (the shared contract)
+from isseg.protocol import (  # noqa: F401 (the shared contract)
+    CANCEL_FILE, EXIT_CANCELLED, OPTION_EDITED_REGION, OPTION_INITIAL_MASK, REPORT_FILE, SEGMENTS_FILE, UNCERTAINTY_FILE)
 from isseg.protocol import result_is_complete as resultIsComplete  # noqa: F401 (the completeness rule)
 
 from .i18n import tr as _
@@ -132,3 +134,30 @@ class RunProgress:
 
 def _number(value, default: int) -> int:
     return int(value) if isinstance(value, (int, float)) else default
+
+
+def _cell(value, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
+def describeOrganChanges(organs: list) -> str:
+    """The `organ_changes` rows (docs/worker-protocol.md) as an HTML table for the panel: per organ the
+    volume of the initial and of the refined mask, their Dice, the largest surface distance between them,
+    the share of uncertain voxels and the reasons to review it. "" when there are no rows."""
+    if not organs:
+        return ""
+    reasons = {"changed": _("changed"), "uncertain": _("uncertain")}
+    header = [_("Organ"), _("Initial (ml)"), _("Refined (ml)"), _("Dice"), _("Max. distance (mm)"), _("Uncertain"),
+              _("Review")]
+    rows = []
+    for organ in organs:
+        share = organ.get("uncertain_share")
+        review = [str(reasons.get(reason, reason)) for reason in organ.get("review") or []]
+        rows.append([html.escape(str(organ.get("name", ""))), _cell(organ.get("volume_initial_ml"), 1),
+                     _cell(organ.get("volume_refined_ml"), 1), _cell(organ.get("dice"), 3),
+                     _cell(organ.get("max_surface_distance_mm"), 1),
+                     _cell(100 * share, 1) + " %" if isinstance(share, (int, float)) else "–",
+                     "<b>" + ", ".join(review) + "</b>" if review else "–"])
+    lines = ["<tr>" + "".join(f"<th>{cell}</th>" for cell in header) + "</tr>"]
+    lines += ["<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows]
+    return "<table>" + "".join(lines) + "</table>"

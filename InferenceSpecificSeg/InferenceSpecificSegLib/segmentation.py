@@ -38,14 +38,25 @@ def writeVolumeForWorker(volumeNode, path: Path) -> None:
                              "temporary folder.").format(name=volumeNode.GetName(), path=path))
 
 
-def readLabelmap(path: Path):
-    """Read the labelmap file `path` into a new vtkMRMLLabelMapVolumeNode that is not in any scene."""
-    labelmapNode = slicer.vtkMRMLLabelMapVolumeNode()
+def readVolumeFile(path: Path, volumeNode):
+    """Read the image file `path` into `volumeNode` (voxels and geometry) and return it; RuntimeError
+    when it cannot be read."""
     storageNode = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storageNode.SetFileName(str(path))
-    if not storageNode.ReadData(labelmapNode) or labelmapNode.GetImageData() is None:
-        raise RuntimeError(_("Could not read the labelmap '{path}'.").format(path=path))
-    return labelmapNode
+    if not storageNode.ReadData(volumeNode) or volumeNode.GetImageData() is None:
+        raise RuntimeError(_("Could not read the image file '{path}'.").format(path=path))
+    return volumeNode
+
+
+def readLabelmap(path: Path):
+    """Read the labelmap file `path` into a new vtkMRMLLabelMapVolumeNode that is not in any scene."""
+    return readVolumeFile(path, slicer.vtkMRMLLabelMapVolumeNode())
+
+
+def voxelArray(volumeNode) -> np.ndarray:
+    """A view of the volume's voxels as an array [k, j, i] (no copy)."""
+    image = volumeNode.GetImageData()
+    return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1])
 
 
 def terminologyEntry(terminology: dict) -> str:
@@ -102,6 +113,8 @@ class LiveSegmentation:
     The node is created by the first `update`. After each update its edit stamp is recorded; when the stamp
     differs at the next update, the user has edited the node, and that node is left alone: results go to a
     new node instead. A node the user deleted is likewise replaced by a new one.
+    `publishedLabels` holds the voxels [k, j, i] of the last labelmap shown (the model's label values, 0
+    for any other value), for telling the user's edits from the worker's result.
     """
 
     def __init__(self, scene, volumeNode, baseName: str):
@@ -111,15 +124,25 @@ class LiveSegmentation:
         self.node = None
         self.editedNodes = []  # nodes left alone because the user edited them during the run
         self._stamp = None  # editStamp of the node after the last update
+        self.publishedLabels = None
+
+    @property
+    def edited(self) -> bool:
+        """True when the node is in the scene and its content differs from the last result shown in it."""
+        return (self.node is not None and self.node.GetScene() is self.scene
+                and editStamp(self.node) != self._stamp)
 
     def update(self, labelmapPath: Path, segments: list) -> None:
         """Show the labelmap file `labelmapPath` (on the input grid) as the segments `segments` (list of
         protocol.SegmentDescription). Voxels with a value not in `segments` are ignored."""
         labelmapNode = readLabelmap(labelmapPath)
-        _renumberLabels(labelmapNode, [segment.value for segment in segments])
+        values = [segment.value for segment in segments]
+        published = voxelArray(labelmapNode).copy()
+        published[~np.isin(published, values)] = 0
+        _renumberLabels(labelmapNode, values)
         if self.node is None or self.node.GetScene() is not self.scene:
             self.node = self._newNode()
-        elif editStamp(self.node) != self._stamp:
+        elif self.edited:
             logging.info("Segmentation %s was edited during the run; writing results to a new node", self.node.GetName())
             self.editedNodes.append(self.node)
             self.node = self._newNode()
@@ -141,6 +164,7 @@ class LiveSegmentation:
             if labelmapNode.GetScene() is not None:
                 self.scene.RemoveNode(labelmapNode)
         self._stamp = editStamp(self.node)
+        self.publishedLabels = published.astype(np.uint8)
 
     def rename(self, name: str) -> None:
         """Give the current node (if any) the name `name`, made unique in the scene (e.g. to mark a partial result)."""

@@ -142,6 +142,38 @@ class QPushButton(QWidget):
 QToolButton = QPushButton
 
 
+class QCheckBox(QWidget):
+    """A check box: setting `checked` (from code or by a click) emits toggled(checked) when it changes, as Qt does;
+    a click also emits clicked(checked)."""
+
+    _signals = ("clicked", "toggled")
+
+    def __init__(self, text="", parent=None):
+        super().__init__(parent)
+        self.text, self._checked = text, False
+
+    @property
+    def checked(self):
+        return self._checked
+
+    @checked.setter
+    def checked(self, checked):
+        if bool(checked) != self._checked:
+            self._checked = bool(checked)
+            self._emit("toggled", self._checked)
+
+    def setChecked(self, checked):
+        self.checked = checked
+
+    def isChecked(self):
+        return self._checked
+
+    def click(self):
+        if self.enabled and self.visible:
+            self.checked = not self._checked
+            self._emit("clicked", self._checked)
+
+
 class QProgressBar(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
