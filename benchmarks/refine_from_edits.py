@@ -6,7 +6,8 @@ error-detection AUC.
 For each phantom `shifted_spec(2000 + i)` (those of benchmarks/evaluate_phantoms.sh): plain ISL with the
 demo model; a simulated user corrects the organ with the lowest Dice on 3 axial slices (at 25, 50 and 75 %
 of its true extent: the truth is copied into those slices for that organ), and runs `isseg refine
---initial-mask --edited-region` with the same settings. Prints and writes DIR/summary.md: Dice per organ
+--initial-mask --edited-region` with the same settings; as a control, the same run again from the plain
+result without edits (`--initial-mask` = the plain labelmap, no region). Prints and writes DIR/summary.md: Dice per organ
 after both runs with paired Wilcoxon p-values, the corrected organ's Dice on the slices NOT edited, and the
 AUC of both uncertainty measures as detectors of the plain run's wrong voxels: the plain run writes the
 disagreement map (`--uncertainty disagreement`, which changes only what uncertainty.nrrd shows, not the
@@ -85,6 +86,7 @@ def run_case(seed: int, work: Path, options: list[str]) -> dict:
         sitk.WriteImage(labelmap, str(folder / name), True)
     edits = refine(image_path, folder / "edits", options, "--initial-mask", str(folder / "initial_mask.nrrd"),
                    "--edited-region", str(folder / "edited_region.nrrd"))
+    again = refine(image_path, folder / "again", options, "--initial-mask", str(folder / "plain" / "labelmap.nrrd"))
     kept = np.array_equal(edits[region > 0], edited[region > 0])
     not_edited = np.ones(truth.shape[0], dtype=bool)
     not_edited[slices] = False
@@ -95,6 +97,8 @@ def run_case(seed: int, work: Path, options: list[str]) -> dict:
         "edits_kept": bool(kept), "plain": plain_dice, "edits": dice_per_label(edits, truth, ORGANS),
         "plain_not_edited": dice_per_label(plain[not_edited], truth[not_edited], [worst])[0],
         "edits_not_edited": dice_per_label(edits[not_edited], truth[not_edited], [worst])[0],
+        "again": dice_per_label(again, truth, ORGANS),
+        "again_not_edited": dice_per_label(again[not_edited], truth[not_edited], [worst])[0],
         "auc_entropy": [error_detection_auc(entropy, plain, truth, v) for v in ORGANS],
         "auc_disagreement": [error_detection_auc(disagreement, plain, truth, v) for v in ORGANS],
     }
@@ -106,21 +110,20 @@ def summary(results: list[dict]) -> str:
 
     names = list(ORGANS.values())
     rows = []
-    for key, title in (("plain", "plain ISL"), ("edits", "refine from edits")):
+    runs = (("plain", "plain ISL"), ("edits", "refine from edits"), ("again", "again from the ISL result, no edits"))
+    for key, title in runs:
         rows.append([title] + [mean_sd([r[key][i] for r in results]) for i in range(len(names))])
-    rows.append(["p (Wilcoxon, paired)"] + [format_number(paired_wilcoxon([r["edits"][i] for r in results],
-                                                                          [r["plain"][i] for r in results]))
-                                            for i in range(len(names))])
+    for key, title in (("plain", "p edits vs plain (Wilcoxon, paired)"), ("again", "p edits vs again (Wilcoxon, paired)")):
+        rows.append([title] + [format_number(paired_wilcoxon([r["edits"][i] for r in results], [r[key][i] for r in results]))
+                               for i in range(len(names))])
     text = markdown_table(["Dice", *names], rows)
-    corrected_plain = [r["plain_not_edited"] for r in results]
-    corrected_edits = [r["edits_not_edited"] for r in results]
-    others_plain = [np.nanmean([d for d, n in zip(r["plain"], names) if n != r["worst"]]) for r in results]
-    others_edits = [np.nanmean([d for d, n in zip(r["edits"], names) if n != r["worst"]]) for r in results]
-    text += "\n" + markdown_table(["", "plain ISL", "refine from edits", "p (Wilcoxon, paired)"], [
-        ["corrected organ, slices not edited", mean_sd(corrected_plain), mean_sd(corrected_edits),
-         format_number(paired_wilcoxon(corrected_edits, corrected_plain))],
-        ["other organs (mean per case)", mean_sd(others_plain), mean_sd(others_edits),
-         format_number(paired_wilcoxon(others_edits, others_plain))]])
+    corrected = {key: [r[f"{key}_not_edited"] for r in results] for key, _ in runs}
+    others = {key: [np.nanmean([d for d, n in zip(r[key], names) if n != r["worst"]]) for r in results] for key, _ in runs}
+    text += "\n" + markdown_table(["", *[title for _, title in runs], "p edits vs plain", "p edits vs again"], [
+        [label, *[mean_sd(values[key]) for key, _ in runs],
+         format_number(paired_wilcoxon(values["edits"], values["plain"])),
+         format_number(paired_wilcoxon(values["edits"], values["again"]))]
+        for label, values in (("corrected organ, slices not edited", corrected), ("other organs (mean per case)", others))])
     text += "\n" + markdown_table(["case", "corrected organ", "edited slices", "edited voxels", "edits kept",
                                    "Dice not edited: plain -> edits"],
                                   [[r["case"], r["worst"], r["edited_slices"], r["edited_voxels"], r["edits_kept"],

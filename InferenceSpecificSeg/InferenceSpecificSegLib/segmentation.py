@@ -137,9 +137,7 @@ class LiveSegmentation:
         protocol.SegmentDescription). Voxels with a value not in `segments` are ignored."""
         labelmapNode = readLabelmap(labelmapPath)
         values = [segment.value for segment in segments]
-        published = voxelArray(labelmapNode).copy()
-        published[~np.isin(published, values)] = 0
-        _renumberLabels(labelmapNode, values)
+        published = _renumberLabels(labelmapNode, values)
         if self.node is None or self.node.GetScene() is not self.scene:
             self.node = self._newNode()
         elif self.edited:
@@ -164,7 +162,7 @@ class LiveSegmentation:
             if labelmapNode.GetScene() is not None:
                 self.scene.RemoveNode(labelmapNode)
         self._stamp = editStamp(self.node)
-        self.publishedLabels = published.astype(np.uint8)
+        self.publishedLabels = published.reshape(labelmapNode.GetImageData().GetDimensions()[::-1])
 
     def rename(self, name: str) -> None:
         """Give the current node (if any) the name `name`, made unique in the scene (e.g. to mark a partial result)."""
@@ -203,9 +201,9 @@ def addLabelmapAsSegmentation(scene, volumeNode, labelmapPath: Path, segments: l
     return segmentation.node
 
 
-def _renumberLabels(labelmapNode, values: list) -> None:
+def _renumberLabels(labelmapNode, values: list) -> np.ndarray:
     """Map label `values[i]` to i + 1 (the import maps value i + 1 to the i-th segment ID) and any other
-    value to 0, in place."""
+    value to 0, in place. Returns the voxels as they were (flat, uint8), any value not in `values` set to 0."""
     image = labelmapNode.GetImageData()
     voxels = np.clip(vtk_to_numpy(image.GetPointData().GetScalars()), 0, None)
     lookup = np.zeros(max(256, int(voxels.max()) + 1), dtype=np.uint8)
@@ -214,3 +212,4 @@ def _renumberLabels(labelmapNode, values: list) -> None:
     renumbered = lookup[voxels]
     scalars = numpy_to_vtk(renumbered, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
     image.GetPointData().SetScalars(scalars)
+    return np.array([0, *values], dtype=np.uint8)[renumbered]
