@@ -74,7 +74,7 @@ def test_valid_package_loads_with_its_weights_and_atlas(package):
     assert loaded.num_classes == 3
     assert [label["name"] for label in loaded.labels] == ["liver", "spleen"]
     assert loaded.spacing == (4.0, 4.0, 4.0) and loaded.orientation == "LPS"
-    assert loaded.intensity_window == (-200.0, 300.0) and loaded.patch_size == (16, 16, 16)
+    assert loaded.network_kind.window == (-200.0, 300.0) and loaded.network_kind.patch_zyx == (16, 16, 16)
     assert [case.case_id for case in loaded.atlas_cases] == ["case_a", "case_b"]
     image, labels = loaded.atlas_cases[0].read()
     assert image.GetSize() == (8, 8, 8) and set(np.unique(sitk.GetArrayFromImage(labels))) == {0, 1, 2}

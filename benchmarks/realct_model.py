@@ -34,11 +34,10 @@ from real_anatomy_plans import TOTALSEG_NAME  # noqa: E402
 import synthetic_ct as sct  # noqa: E402
 import train_realct_model as recipe  # noqa: E402
 from isseg import model_package, phantom  # noqa: E402
-from isseg.inference import predict_probabilities  # noqa: E402
 from isseg.io import read_image, resample_to  # noqa: E402
 from isseg.metrics import dice_per_label  # noqa: E402
-from isseg.postprocess import labels_on_grid  # noqa: E402
-from isseg.preprocess import image_tensor, to_model_grid, zyx  # noqa: E402
+from isseg.networks import predict_probabilities  # noqa: E402
+from isseg.postprocess import labelmap_on_grid  # noqa: E402
 from isseg.reporting import format_number  # noqa: E402
 
 #: Organs of the procedural phantoms, which the ICRP cases have too (values of isseg.phantom).
@@ -192,11 +191,13 @@ def anatomy_test_cases(data_dir: Path, count: int) -> list[tuple[str, str, sitk.
 
 
 def first_mask(package: model_package.ModelPackage, network, image: sitk.Image) -> np.ndarray:
-    """The model's first mask on the image's grid, as `isseg refine` publishes it (largest components)."""
-    model_image = to_model_grid(image, package.spacing, package.orientation)
-    probabilities = predict_probabilities(network, image_tensor(model_image, package.intensity_window),
-                                          zyx(package.patch_size), network_device(network))[0].numpy()
-    return sitk.GetArrayFromImage(labels_on_grid(probabilities, model_image, image, package.labels, True))
+    """The model's first mask on the image's grid, as `isseg refine` publishes it (the network kind's own
+    preparation and prediction, largest components)."""
+    kind = package.network_kind
+    prepared = kind.prepare(image)
+    probabilities = predict_probabilities(kind, network, prepared.tensor, network_device(network))[0].numpy()
+    on_input = kind.probabilities_on_input(probabilities, prepared, image)
+    return sitk.GetArrayFromImage(labelmap_on_grid(on_input, image, package.labels, True))
 
 
 def network_device(network):

@@ -76,17 +76,6 @@ class ModelPackage:
         return self.config["input"].get("orientation", "LPS")
 
     @property
-    def intensity_window(self) -> tuple[float, float]:
-        """HU range mapped linearly to [0, 1] (values outside are clipped)."""
-        window = self.config["input"]["intensity"]
-        return float(window["a_min"]), float(window["a_max"])
-
-    @property
-    def patch_size(self) -> tuple[int, int, int]:
-        """Network input patch (x, y, z voxels)."""
-        return tuple(int(s) for s in self.config["patch_size"])
-
-    @property
     def network_kind(self) -> NetworkKind:
         """How this package's network is built, fed and read (isseg.networks)."""
         if self._kind is None:
