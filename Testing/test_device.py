@@ -70,7 +70,8 @@ def test_cuda_without_a_gpu_is_bad_input():
     assert resolve_device("auto") == CPU
 
 
-@pytest.mark.parametrize("option", [["--momentum", "1"], ["--steps", "0"], ["--update-every", "0"]])
+@pytest.mark.parametrize("option", [["--momentum", "1"], ["--steps", "0"], ["--update-every", "0"],
+                                    ["--stop-when-converged", "1.5"]])
 def test_out_of_range_refine_options_are_usage_errors(tmp_path, capsys, option):
     with pytest.raises(SystemExit) as stopped:
         cli.main(["refine", "--input", "x.nrrd", "--model", "demo", "--output", str(tmp_path), *option])

@@ -164,6 +164,9 @@ def test_report_has_stage_times_and_alignment_quality(refined):
         assert report["seconds"][stage] > 0, f"no time recorded for {stage}: {report['seconds']}"
     assert sum(report["seconds"].values()) <= refined["seconds"] + 1
     assert report["snapshots"] == 3 and report["moving_average_updates"] == 2
+    stopping = report["early_stopping"]
+    assert stopping["threshold"] == 0 and stopping["stopped_after_step"] is None and stopping["steps_planned"] == 40
+    assert len(stopping["mask_change_per_update"]) == 2 and all(0 <= c <= 1 for c in stopping["mask_change_per_update"])
     assert [entry["round"] for entry in report["alignment"]] == [1]
     quality = report["alignment"][0]
     assert len(quality["dice_to_mask"]) == len(quality["folding_fraction"]) == 8, "one entry per demo atlas case"

@@ -117,7 +117,7 @@ class AppearanceRandomizer:
         table = torch.zeros(max(self.label_names, default=0) + 1)
         for value, offset in offsets_hu.items():
             table[value] = (offset + rng.normal(0.0, self.settings.label_hu_std)) / self.hu_per_unit
-        return table[labels.long().clamp(0, len(table) - 1)]
+        return table.to(labels.device)[labels.long().clamp(0, len(table) - 1)]
 
     def __call__(self, patches: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         result = []

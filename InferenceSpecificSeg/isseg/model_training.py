@@ -33,7 +33,7 @@ from .io import resample_to
 from .losses import segmentation_loss
 from .metrics import binary_dice, dice_per_label
 from .networks.monai_net import build_monai_network
-from .optimisation import PatchSettings, train_step
+from .optimisation import PatchSampler, PatchSettings, train_step
 from .preprocess import image_tensor, to_model_grid, zyx
 from .terminology import describe_label
 
@@ -210,14 +210,13 @@ def _train(training: _Training, train_cases: list[LabelledCase], validation: lis
     loss_function = segmentation_loss(settings.loss)
     patch = zyx(settings.patch_size)
     appearance = AppearanceRandomizer(names, settings.intensity_window) if settings.randomize_appearance else None
-    images = _pad_to_common(train_images, 0.0)
-    label_volumes = _pad_to_common(train_labels, 0)
+    sampler = PatchSampler(_pad_to_common(train_images, 0.0), _pad_to_common(train_labels, 0), patch, settings.patches,
+                           training.rng, device)
     clock = RunClock(settings.steps - training.start_step)
     events.emit("stage", stage="train")
     recent_losses = []
     for step in range(training.start_step + 1, settings.steps + 1):
-        loss = train_step(training.network, training.optimizer, loss_function, images, label_volumes, patch,
-                          training.rng, settings.patches, device, appearance)
+        loss = train_step(training.network, training.optimizer, loss_function, sampler, device, appearance)
         training.scheduler.step()
         recent_losses.append(loss)
         clock.advance(1)

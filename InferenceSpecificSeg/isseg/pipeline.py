@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__, changes, model_package, package_checks, protocol, uncertainty
+from . import __version__, body, changes, model_package, package_checks, protocol, uncertainty
 from .alignment import AlignedAtlas
 from .device import Attempt, memory_fallback_attempts, with_memory_fallback
 from .edits import CaseTraining, UserEdits, trust
@@ -109,9 +109,13 @@ class RunCase:
         """The network's patch (z, y, x voxels)."""
         return self.package.network_kind.patch_zyx
 
-    def predict(self, network: torch.nn.Module, device: torch.device) -> torch.Tensor:
-        """The network's probabilities (1, C, z, y, x) of this case, as its own predictor computes them."""
-        return predict_probabilities(self.package.network_kind, network, self.target, device)
+    def predict(self, network: torch.nn.Module, device: torch.device, box=None) -> torch.Tensor:
+        """The network's probabilities (1, C, z, y, x) of this case, as its own predictor computes them;
+        with `box` (body.body_box) only inside it, background elsewhere."""
+        if box is None:
+            return predict_probabilities(self.package.network_kind, network, self.target, device)
+        return body.predict_in_box(lambda crop: predict_probabilities(self.package.network_kind, network, crop, device),
+                                   self.target, box)
 
 
 @dataclass
@@ -142,6 +146,8 @@ class _RunProgress(RefineObserver):
         self.probabilities: torch.Tensor | None = None
         self.updates = 0
         self.recent = uncertainty.RecentLabels()
+        self.changes: list[float] = []
+        self.converged_at: int | None = None
 
     def _progress(self, stage: str, step: int, total: int, loss: float | None) -> None:
         self.run.events.emit(protocol.EVENT_PROGRESS, stage=stage, step=step, total=total, loss=loss,
@@ -173,9 +179,18 @@ class _RunProgress(RefineObserver):
     def predicted(self, step: int, prediction: torch.Tensor) -> None:
         self.recent.add(prediction)
 
-    def updated(self, step: int, probabilities: torch.Tensor, updates: int) -> None:
+    def updated(self, step: int, probabilities: torch.Tensor, updates: int, change: float) -> None:
         self.probabilities, self.updates = probabilities, updates
+        self.changes.append(round(change, 5))
         self.run.publish_snapshot(self.case, probabilities, step)
+
+    def converged(self, step: int) -> None:
+        self.converged_at = step
+
+    def stopping_record(self) -> dict:
+        """report.json's `early_stopping`: the threshold, each update's mask change, where it stopped."""
+        return {"threshold": self.run.settings.stop_when_converged, "mask_change_per_update": self.changes,
+                "stopped_after_step": self.converged_at, "steps_planned": self.run.settings.steps}
 
 
 class Run:
@@ -292,8 +307,9 @@ class Run:
             weight = self.edits.trusted_weight(case.input_image, model_image)
             keep_trusted = lambda probabilities: trust(probabilities, initial, weight)  # noqa: E731
         torch.manual_seed(self.seed)
+        box = body.body_box(case.target, case.patch)  # re-predictions skip the air around the body
         refine(network, case.target, initial, atlas_images, atlas_labels, case.patch, self.settings, self.device,
-               lambda tuned: case.predict(tuned, self.device), np.random.default_rng(self.seed), progress,
+               lambda tuned: case.predict(tuned, self.device, box), np.random.default_rng(self.seed), progress,
                case_training=case_training, keep_trusted=keep_trusted)
 
     def _labelmap(self, case: RunCase, probabilities: torch.Tensor) -> sitk.Image:
@@ -343,6 +359,7 @@ class Run:
             "seconds": timer.rounded(),
             "snapshots": self._snapshots,
             "moving_average_updates": progress.updates,
+            "early_stopping": progress.stopping_record(),
             "alignment": progress.alignment_quality,
             "labels": [label["name"] for label in case.package.labels],
             "device": str(self.device),

@@ -82,6 +82,10 @@ DEFAULT_UPDATE_EVERY = 20
 DEFAULT_MOMENTUM = 0.8
 DEFAULT_ALIGN_MODE = "mask"
 DEFAULT_LOSS = "dicece"
+# Early stopping: the run ends at the first moving-average update that changes the labels of less than
+# this fraction of the mask's voxels (0: never; refinement.mask_change).
+OPTION_STOP_WHEN_CONVERGED = "--stop-when-converged"
+DEFAULT_STOP_WHEN_CONVERGED = 0.0
 
 # Refining from the user's edits (`isseg refine --initial-mask LABELMAP --edited-region LABELMAP`, both on
 # the input grid): the edited mask holds label values of the model, the region 1 where the user changed

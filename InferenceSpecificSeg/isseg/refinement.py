@@ -4,7 +4,9 @@ One copy of the network is fine-tuned through 1 to 3 rounds; each round first al
 the current mask, then continues fine-tuning that copy on the aligned cases. Every `update_every`
 steps the network re-predicts the case and the mask becomes the moving average
 P = m P + (1 - m) P_t of those predictions (Chen et al., Med Phys 2025), which smooths out the
-step-to-step noise of fine-tuning and drives the next round.
+step-to-step noise of fine-tuning and drives the next round. With `stop_when_converged` set, the
+run ends (remaining steps and rounds skipped) at the first update that changes the labels of less than
+that fraction of the mask.
 
 Tensors are (batch, channel, z, y, x) on the model grid, images normalized to [0, 1].
 """
@@ -21,7 +23,7 @@ import torch
 from . import protocol
 from .alignment import AlignedAtlas, AlignmentSettings, align_atlas
 from .losses import segmentation_loss
-from .optimisation import PatchSettings, train_step
+from .optimisation import PatchSampler, PatchSettings, train_step
 
 
 @dataclass
@@ -35,6 +37,7 @@ class RefineSettings:
     moving_average: bool = True
     learning_rate: float = 3e-4
     loss: str = protocol.DEFAULT_LOSS
+    stop_when_converged: float = protocol.DEFAULT_STOP_WHEN_CONVERGED
     match_intensity: bool = True
     patches: PatchSettings = field(default_factory=PatchSettings)
     alignment: AlignmentSettings = field(default_factory=AlignmentSettings)
@@ -47,18 +50,35 @@ class RefineSettings:
         return settings
 
 
+def mask_change(previous: torch.Tensor, current: torch.Tensor) -> float:
+    """Fraction of the voxels labelled (foreground) in either mask whose label differs between the masks
+    (argmax over C) of two probability volumes (1, C, z, y, x); 0 when neither labels any voxel."""
+    before, after = previous[0].argmax(0), current[0].argmax(0)
+    labelled = (before > 0) | (after > 0)
+    count = int(labelled.sum())
+    return float((before != after)[labelled].sum()) / count if count else 0.0
+
+
 class MovingAverage:
     """P = m P + (1 - m) P_t over predictions (1, C, z, y, x); with `enabled` False it keeps
-    only the latest prediction (the ablation "last iterate")."""
+    only the latest prediction (the ablation "last iterate"). `changes` holds the mask_change of
+    every update."""
 
     def __init__(self, initial: torch.Tensor, momentum: float, enabled: bool = True):
         self.value = initial.clone()
         self.momentum = momentum if enabled else 0.0
         self.updates = 0
+        self.changes: list[float] = []
 
     def update(self, prediction: torch.Tensor) -> None:
+        previous = self.value
         self.value = self.momentum * self.value + (1 - self.momentum) * prediction
         self.updates += 1
+        self.changes.append(mask_change(previous, self.value))
+
+    def converged(self, threshold: float) -> bool:
+        """The last update changed the labels of less than `threshold` of the mask (never for 0)."""
+        return threshold > 0 and bool(self.changes) and self.changes[-1] < threshold
 
 
 class RefineObserver:
@@ -84,18 +104,23 @@ class RefineObserver:
     def predicted(self, step: int, prediction: torch.Tensor) -> None:
         """The network's prediction (1, C, z, y, x) after `step`, before it enters the moving average."""
 
-    def updated(self, step: int, probabilities: torch.Tensor, updates: int) -> None:
-        """The moving average (1, C, z, y, x) was updated after `step`; `updates` so far."""
+    def updated(self, step: int, probabilities: torch.Tensor, updates: int, change: float) -> None:
+        """The moving average (1, C, z, y, x) was updated after `step`; `updates` so far; `change`: the
+        fraction of the mask whose label this update changed (mask_change)."""
+
+    def converged(self, step: int) -> None:
+        """The refinement stops after `step`, before its planned steps: the average has converged."""
 
 
 @dataclass
 class RefineResult:
-    """The final moving-average probabilities (1, C, z, y, x), how many updates made them, and the
-    fine-tuned copy of the network."""
+    """The final moving-average probabilities (1, C, z, y, x), how many updates made them, the
+    fine-tuned copy of the network and the step after which it stopped early (None: all steps ran)."""
 
     probabilities: torch.Tensor
     updates: int
     network: torch.nn.Module
+    converged_at: int | None
 
 
 def match_atlas_intensities(images: torch.Tensor, labels: torch.Tensor, target_image: torch.Tensor,
@@ -164,10 +189,10 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
         if settings.match_intensity:
             training_images = match_atlas_intensities(aligned.images, aligned.labels, target_image, average.value)
         observer.stage(protocol.STAGE_REFINE, round_index)
+        sampler = PatchSampler(training_images, aligned.labels, patch_zyx, settings.patches, rng, device)
         for _ in range(round_steps):
             observer.before_step(step + 1)
-            loss = train_step(tuned, optimizer, loss_function, training_images, aligned.labels, patch_zyx, rng,
-                              settings.patches, device)
+            loss = train_step(tuned, optimizer, loss_function, sampler, device)
             if case_training is not None:
                 case_training.step(tuned, optimizer, device)
             step += 1
@@ -178,5 +203,8 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
                 average.update(prediction)
                 if keep_trusted is not None:
                     keep_trusted(average.value)
-                observer.updated(step, average.value, average.updates)
-    return RefineResult(average.value, average.updates, tuned)
+                observer.updated(step, average.value, average.updates, average.changes[-1])
+                if average.converged(settings.stop_when_converged) and step < settings.steps:
+                    observer.converged(step)
+                    return RefineResult(average.value, average.updates, tuned, step)
+    return RefineResult(average.value, average.updates, tuned, None)

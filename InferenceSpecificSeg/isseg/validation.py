@@ -94,6 +94,14 @@ def momentum(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """argparse type: a fraction from 0 to 1 (e.g. of a mask's voxels)."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} must be from 0 to 1 (e.g. 0.01)")
+    return value
+
+
 def user_path(text: str) -> Path:
     """argparse type: a path with `~` expanded (also when the shell did not, e.g. when quoted)."""
     if not text.strip():

@@ -44,6 +44,10 @@ def add_refine_options(parser: argparse.ArgumentParser) -> None:
                        help="moving-average factor m in P = m P + (1 - m) P_t (default %(default)s)")
     group.add_argument("--no-moving-average", action="store_true",
                        help="keep only the latest prediction instead of the moving average (for comparison)")
+    group.add_argument(protocol.OPTION_STOP_WHEN_CONVERGED, type=validation.fraction, metavar="FRACTION",
+                       default=defaults.stop_when_converged,
+                       help="stop early, at the first moving-average update that changes the label of less than this "
+                            "fraction of the mask's voxels (0 never stops early; default %(default)s)")
     group.add_argument("--learning-rate", type=validation.positive_float, default=defaults.learning_rate,
                        help="fine-tuning learning rate (default %(default)s)")
     group.add_argument("--loss", choices=protocol.LOSS_NAMES, default=defaults.loss,
@@ -98,6 +102,7 @@ def refine_settings_from(args: argparse.Namespace) -> RefineSettings:
     return RefineSettings(steps=args.steps, rounds=args.rounds, update_every=args.update_every,
                           momentum=args.momentum, moving_average=not args.no_moving_average,
                           learning_rate=args.learning_rate, loss=args.loss,
+                          stop_when_converged=args.stop_when_converged,
                           match_intensity=not args.no_intensity_matching,
                           alignment=AlignmentSettings(mode=args.align_mode,
                                                       iterations=args.align_iterations))
