@@ -155,6 +155,16 @@ def steps_per_round(settings: RefineSettings) -> list[int]:
     return np.diff(np.linspace(0, settings.steps, settings.rounds + 1).round().astype(int)).tolist()
 
 
+def _round_sampler(aligned: AlignedAtlas, target_image: torch.Tensor, average: torch.Tensor, patch_zyx,
+                   settings: RefineSettings, rng: np.random.Generator, device: torch.device) -> PatchSampler:
+    """The patches of one round: the aligned atlas (intensities matched to the case unless switched off)
+    with its class indices, on the device."""
+    images = aligned.images
+    if settings.match_intensity:
+        images = match_atlas_intensities(aligned.images, aligned.labels, target_image, average)
+    return PatchSampler(images, aligned.labels, patch_zyx, settings.patches, rng, device)
+
+
 def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabilities: torch.Tensor,
            atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], patch_zyx, settings: RefineSettings,
            device: torch.device, predict: Callable[[torch.nn.Module], torch.Tensor], rng: np.random.Generator,
@@ -185,11 +195,8 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
                               observer.align_iteration, start=transforms)
         transforms = aligned.transforms
         observer.aligned(aligned, round_index)
-        training_images = aligned.images
-        if settings.match_intensity:
-            training_images = match_atlas_intensities(aligned.images, aligned.labels, target_image, average.value)
         observer.stage(protocol.STAGE_REFINE, round_index)
-        sampler = PatchSampler(training_images, aligned.labels, patch_zyx, settings.patches, rng, device)
+        sampler = _round_sampler(aligned, target_image, average.value, patch_zyx, settings, rng, device)
         for _ in range(round_steps):
             observer.before_step(step + 1)
             loss = train_step(tuned, optimizer, loss_function, sampler, device)
