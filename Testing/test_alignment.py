@@ -171,3 +171,37 @@ def test_a_later_round_refines_the_previous_transforms(atlas):
                                  start=first.transforms)
     assert calls == [(i, 3) for i in range(1, 4)], "one batch of 2 cases, 3 iterations at the finest level only"
     assert np.mean(warm.dice) >= np.mean(first.dice) - 0.02
+
+
+def test_pyramid_levels_keep_every_axis_at_a_few_voxels():
+    """A thin volume (a partial scan) is not pooled below MIN_GRID_VOXELS along its thin axis; one
+    factor per level for all axes, so the bending penalty's scaling stays that of the level."""
+    from isseg.validation import MIN_GRID_VOXELS
+
+    assert alignment.working_levels((4, 2), (40, 64, 64), 7, 2, 2**25) == [4, 2]
+    assert alignment.working_levels((4, 2), (7, 64, 64), 7, 2, 2**25) == [3, 2]
+    assert alignment.working_levels((4, 2), (MIN_GRID_VOXELS, 64, 64), 7, 2, 2**25) == [1, 1]
+    for depth in range(MIN_GRID_VOXELS, 20):
+        for factor in alignment.working_levels((4, 2), (depth, 64, 64), 7, 2, 2**25):
+            assert -(-depth // factor) >= MIN_GRID_VOXELS
+
+
+@pytest.mark.parametrize("depth, mode", [(7, "mask"), (3, "both")])
+def test_a_thin_target_is_aligned(atlas, depth, mode):
+    """Atlas cases of 40 slices onto a target of a few slices (3 = MIN_GRID_VOXELS): every level runs,
+    the labels keep the target's shape and the field does not fold; `both` also runs the LNCC."""
+    target = phantom.generate(phantom.shifted_spec(12, size=SIZE, spacing=SPACING))
+    truth = sitk.GetArrayFromImage(target.labels)
+    middle = int(np.argwhere(truth == 1)[:, 0].mean())
+    part = slice(middle - depth // 2, middle - depth // 2 + depth)
+    image = preprocess.image_tensor(target.image, WINDOW)[:, :, part]
+    settings = alignment.AlignmentSettings(mode=mode, iterations=3, warm_iterations=2)
+    calls = []
+    aligned = alignment.align_atlas(*atlas, image, one_hot(truth[part]), settings, torch.device("cpu"),
+                                    lambda done, total: calls.append(done))
+    assert len(calls) == 2 * 3, "one batch, two levels of 3 iterations"
+    assert aligned.labels.shape == (2, 1, depth, *truth.shape[1:])
+    assert np.all(aligned.folding < 0.05), aligned.folding
+    warm = alignment.align_atlas(*atlas, image, one_hot(truth[part]), settings, torch.device("cpu"),
+                                 start=aligned.transforms)
+    assert warm.labels.shape == aligned.labels.shape

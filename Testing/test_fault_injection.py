@@ -374,6 +374,11 @@ def test_too_fine_spacing_and_huge_patch_are_refused(tmp_path, ct, demo_package)
         check_model_grid(sitk.ReadImage(str(ct)), (0.01, 0.01, 0.01), "LPS", 7)
     with pytest.raises(BadInputError, match="covers only"):
         check_model_grid(small_ct(spacing=(0.1, 0.1, 0.1)), (4.0, 4.0, 4.0), "LPS", 7)
+    # A thin partial scan runs (test_refine_cli); only a grid the alignment cannot work on is refused.
+    thin = small_ct(size_xyz=(20, 16, 3), spacing=(4.0, 4.0, 4.0))
+    assert check_model_grid(thin, (4.0, 4.0, 4.0), "LPS", 7) == (20, 16, 3)
+    with pytest.raises(BadInputError, match="20 x 16 x 2 voxels, and the model needs at least 3 along every axis"):
+        check_model_grid(thin[:, :, :2], (4.0, 4.0, 4.0), "LPS", 7)
     model = copy_demo(demo_package, tmp_path / "model", lambda c: c.update(patch_size=[1024, 1024, 1024]))
     package = model_package.load(model, check_atlas=False)
     from isseg import package_checks

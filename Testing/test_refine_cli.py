@@ -24,6 +24,7 @@ from isseg.errors import Cancelled
 from isseg.events import EventWriter
 from isseg.output_folder import OutputFolder
 from isseg.pipeline import CancelToken, Run
+from isseg.protocol import result_is_complete
 from isseg.refinement import RefineSettings
 
 # Reduced settings (the defaults take several times longer); for shifted_spec(103) they raise the
@@ -254,6 +255,33 @@ def test_sigterm_during_alignment_leaves_partial_result(tmp_path, demo_package, 
     # The partial result is the average at cancelling time: here still the initial segmentation.
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output / "labelmap.nrrd"))),
                                   sitk.GetArrayFromImage(sitk.ReadImage(str(output / "snapshot_0000.nrrd"))))
+
+
+# ---------------------------------------------------------------------------------------------
+# A thin CT: a partial scan of a few slices on the model grid (the real abdominal CT beside the
+# project is 7-10 slices at the demo's 4 mm) is refined like any other.
+
+def test_a_ct_of_seven_slices_on_the_model_grid_is_refined(tmp_path, demo_package):
+    case = phantom.generate(phantom.shifted_spec(3, size=(48, 48, 32)))  # 4 mm: the demo model's grid
+    liver_slice = int(np.argwhere(sitk.GetArrayFromImage(case.labels) == 1)[:, 0].mean())
+    thin = case.image[:, :, liver_slice - 3:liver_slice + 4]
+    sitk.WriteImage(thin, str(tmp_path / "thin.nrrd"))
+    output = tmp_path / "out"
+    # One round, one step: the warm-started second round on a thin grid is test_alignment's.
+    tiny = ["--rounds", "1", "--steps", "1", "--update-every", "1", "--align-iterations", "2"]
+    result, events = run_worker(*refine_arguments(tmp_path / "thin.nrrd", output, *tiny), timeout=600)
+
+    assert result.returncode == 0, f"exit {result.returncode}; stderr:\n{result.stderr[-3000:]}"
+    assert events[-1]["event"] == "done" and events[-1]["partial"] is False, events[-3:]
+    assert result_is_complete(output)
+    labelmap = sitk.ReadImage(str(output / "labelmap.nrrd"))
+    assert_on_grid(labelmap, thin, "labelmap")
+    assert 1 in np.unique(sitk.GetArrayFromImage(labelmap)), "the liver fills these slices"
+    assert_on_grid(sitk.ReadImage(str(output / "uncertainty.nrrd")), thin, "uncertainty map")
+    report = json.loads((output / "report.json").read_text(encoding="utf-8"))
+    assert [entry["round"] for entry in report["alignment"]] == [1]
+    assert report["snapshots"] == 2 and report["moving_average_updates"] == 1
+    assert {organ["name"] for organ in report["organs"]} >= {"liver"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ always with MONAI's bending energy penalty on u.
 
 Memory: the optimisation works on downsampled copies (one channel per present label), never on a
 full-resolution one-hot volume; the pyramid is made coarser when batch x labels x voxels would pass
-`AlignmentSettings.max_elements`. The final warp runs case by case and label by label, so the peak
+`AlignmentSettings.max_elements`, and finer where an axis would be pooled below MIN_GRID_VOXELS (a
+thin partial scan). The final warp runs case by case and label by label, so the peak
 grows with cases x voxels, not with cases x labels x voxels.
 
 A later round starts from the transforms of the previous one (`AlignedAtlas.transforms`) and only
@@ -37,6 +38,7 @@ from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrel
 
 from .metrics import mean_dice
 from .protocol import ALIGN_MODES, DEFAULT_ALIGN_MODE
+from .validation import MIN_GRID_VOXELS
 
 
 
@@ -174,12 +176,21 @@ def _label_channels(labels: torch.Tensor, values: list[int], factor: int) -> tor
 
 
 def working_levels(levels: tuple[int, ...], shape, channels: int, batch: int, max_elements: int) -> list[int]:
-    """The pyramid, doubled in every factor until batch x channels x voxels of the finest level fits."""
+    """The pyramid, doubled in every factor until batch x channels x voxels of the finest level fits,
+    then each factor lowered until every axis keeps MIN_GRID_VOXELS (a thin partial scan is pooled
+    less; one factor for all axes keeps the bending penalty's scaling per level)."""
     factors = list(levels)
     while batch * channels * np.prod([-(-s // factors[-1]) for s in shape]) > max_elements and min(
             -(-s // factors[-1]) for s in shape) > 8:
         factors = [2 * f for f in factors]
-    return factors
+    return [_keeping_min_voxels(factor, min(shape)) for factor in factors]
+
+
+def _keeping_min_voxels(factor: int, extent: int) -> int:
+    """The largest factor up to `factor` that pools `extent` voxels into at least MIN_GRID_VOXELS (1 at least)."""
+    while factor > 1 and -(-extent // factor) < MIN_GRID_VOXELS:
+        factor -= 1
+    return factor
 
 
 class _AlignmentObjective:

@@ -21,7 +21,9 @@ from .events import EventWriter
 from .protocol import EXIT_USAGE
 
 MAX_NON_FINITE_FRACTION = 0.01  # more NaN/inf voxels than this: the image is damaged, not padded
-MIN_GRID_VOXELS = 16  # per axis on the model grid (the alignment works at half of it)
+# Per axis on the model grid, and at every level of the alignment's pyramid (alignment.working_levels
+# pools a thin axis less): MONAI's bending energy takes second differences, 3 voxels along each axis.
+MIN_GRID_VOXELS = 3
 AIR_HU = -1024.0
 # Whole-volume prediction keeps the moving average, one prediction and its logits, float32 per class.
 GRID_BYTES_PER_CLASS_VOXEL = 3 * 4
