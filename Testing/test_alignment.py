@@ -205,3 +205,20 @@ def test_a_thin_target_is_aligned(atlas, depth, mode):
     warm = alignment.align_atlas(*atlas, image, one_hot(truth[part]), settings, torch.device("cpu"),
                                  start=aligned.transforms)
     assert warm.labels.shape == aligned.labels.shape
+
+
+@pytest.mark.parametrize("mode", ["mask", "both"])
+def test_a_mask_without_organs_leaves_the_placement_to_the_images(atlas, mode):
+    """A first mask with no organ (a few slices where the network found none) is no internal error:
+    the mask pulls nothing; `mask` keeps the placement, `both` still aligns by the images."""
+    images, labels = atlas
+    background = torch.zeros(1, NUM_CLASSES, *images[0].shape)
+    background[:, 0] = 1
+    settings = alignment.AlignmentSettings(mode=mode, iterations=2)
+    calls = []
+    aligned = alignment.align_atlas(images, labels, torch.as_tensor(images[0])[None, None], background, settings,
+                                    torch.device("cpu"), lambda done, total: calls.append(done))
+    assert len(calls) == (0 if mode == "mask" else 2 * 2)
+    _, placed = alignment.initial_placement(images, labels, np.zeros(images[0].shape, dtype=bool))
+    if mode == "mask":
+        assert torch.equal(aligned.labels, placed.to(aligned.labels.dtype))

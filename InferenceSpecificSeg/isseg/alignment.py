@@ -28,7 +28,7 @@ displacements are in voxels of the target grid; affine matrices act on grid_samp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -204,9 +204,10 @@ class _AlignmentObjective:
         self.dice = DiceLoss(include_background=True, reduction="none")
         self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=lncc_kernel, reduction="none")
 
-    def stack(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The channels the objective looks at: only these are warped during optimisation."""
-        return torch.cat(([image] if self.use_intensity else []) + ([labels] if self.use_mask else []), dim=1)
+    def stack(self, image: torch.Tensor, labels: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The channels the objective looks at: only these are warped during optimisation. `labels()` makes
+        the label channels, only in a mode that uses them."""
+        return torch.cat(([image] if self.use_intensity else []) + ([labels()] if self.use_mask else []), dim=1)
 
     def __call__(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-case loss (N,) of warped channels (N, K, ...) against target channels (1, K, ...)."""
@@ -238,8 +239,8 @@ def _optimise(images: torch.Tensor, labels: torch.Tensor, target_image: torch.Te
         shape = [-(-s // factor) for s in full_shape]
         ddf = (torch.zeros(len(images), 3, *shape, device=images.device) if ddf is None else
                F.interpolate(ddf.detach(), size=shape, mode="trilinear", align_corners=True)).requires_grad_()
-        moving = objective.stack(_downsample(images, factor), _label_channels(labels, present, factor))
-        target = objective.stack(_downsample(target_image, factor), torch.cat(
+        moving = objective.stack(_downsample(images, factor), lambda: _label_channels(labels, present, factor))
+        target = objective.stack(_downsample(target_image, factor), lambda: torch.cat(
             [_downsample(target_probabilities[:, value:value + 1], factor) for value in present], dim=1))
         identity = identity_grid(len(images), shape, images.device)
         theta = theta.detach().clone().requires_grad_()
@@ -279,6 +280,14 @@ def _warp_case(image: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor, d
     return warped_image, warped_labels, float(folding_fraction(displacement)[0])
 
 
+def _without_a_mask_to_follow(settings: AlignmentSettings) -> AlignmentSettings:
+    """The settings for a mask without organs (e.g. a few slices where the network found none), which
+    pulls nothing: `both` aligns by the images alone, `mask` keeps the placement (no iterations)."""
+    if settings.mode == "both":
+        return replace(settings, mode="intensity")
+    return settings if settings.mode == "intensity" else replace(settings, iterations=0, warm_iterations=0)
+
+
 def align_atlas(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], target_image: torch.Tensor,
                 target_probabilities: torch.Tensor, settings: AlignmentSettings, device: torch.device,
                 on_iteration: Callable[[int, int], None] = lambda done, total: None,
@@ -294,6 +303,7 @@ def align_atlas(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], 
     num_classes = target_probabilities.shape[1]
     target_labels = target_probabilities[0].argmax(0)
     present = [value for value in torch.unique(target_labels).tolist() if value > 0]
+    settings = _without_a_mask_to_follow(settings) if not present else settings
     shifts = start.shifts if start is not None else placement_shifts(atlas_labels, target_labels.numpy() > 0)
     images, labels = initial_placement(atlas_images, atlas_labels, target_labels.numpy() > 0, shifts)
     labels = labels.to(label_dtype(num_classes))
