@@ -4,6 +4,7 @@ worker killed between cases (real subprocesses)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -12,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from engine_support import LiveWorker, run_worker
+from engine_support import LiveWorker
 from isseg import cli, phantom
 from isseg.evaluate import BASELINES, CaseResult, paired_wilcoxon, score, summary_markdown
 from isseg.events import EventWriter
@@ -100,15 +101,37 @@ def cases(tmp_path_factory):
     return folder
 
 
-def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(tiny_package, cases, tmp_path, capsys):
-    output = tmp_path / "evaluation"
-    variants = ["isl_mask", "isl_mask_last_iterate"]
-    exit_code = cli.main(["evaluate", "--cases", str(cases), "--model", str(tiny_package), "--output", str(output),
-                          "--variants", *variants, "--steps", "4", "--update-every", "2", "--rounds", "1",
-                          "--align-iterations", "5", "--seed", "3", "--progress", "json"])
-    assert exit_code == 0
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    methods = [*BASELINES, *variants]
+# The smallest settings that still refine (2 steps, a moving-average update after each); both the
+# end-to-end checks and the resume test use them, so one evaluation serves as the reference of both.
+VARIANTS = ("isl_mask", "isl_mask_last_iterate")
+OPTIONS = ("--variants", *VARIANTS, "--steps", "2", "--update-every", "1", "--rounds", "1",
+           "--align-iterations", "2", "--seed", "3", "--device", "cpu", "--progress", "json")
+
+
+def evaluate_arguments(cases, package, output, *extra) -> list[str]:
+    return ["evaluate", "--cases", str(cases), "--model", str(package), "--output", str(output), *OPTIONS, *extra]
+
+
+def evaluate_in_process(*arguments) -> tuple[int, list[dict]]:
+    """`isseg evaluate` in this process (no interpreter and torch start-up); its exit code and events."""
+    stream = io.StringIO()
+    with contextlib.redirect_stdout(stream):
+        code = cli.main(list(arguments))
+    return code, [json.loads(line) for line in stream.getvalue().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_package, cases, tmp_path_factory):
+    """One uninterrupted evaluation of the three cases: its output folder and events."""
+    output = tmp_path_factory.mktemp("evaluation") / "evaluation"
+    code, events = evaluate_in_process(*evaluate_arguments(cases, tiny_package, output))
+    assert code == 0, events[-3:]
+    return output, events
+
+
+def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(evaluation):
+    output, events = evaluation
+    methods = [*BASELINES, *VARIANTS]
 
     with open(output / "metrics.csv", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
@@ -131,7 +154,7 @@ def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(tiny_package,
     settings = json.loads((output / "settings.json").read_text(encoding="utf-8"))
     assert settings["seed"] == 3 and settings["methods"] == methods
     assert settings["variants"]["isl_mask_last_iterate"]["moving_average"] is False
-    for method in ("registration", *variants):
+    for method in ("registration", *VARIANTS):
         run_settings = json.loads((output / "cases" / "phantom_020" / method / "settings.json").read_text(encoding="utf-8"))
         assert run_settings["seed"] == 3
     assert (output / "cases" / "phantom_020" / "registration" / "labelmap.nrrd").is_file()
@@ -141,29 +164,11 @@ def test_evaluate_end_to_end_reports_every_case_and_the_failed_one(tiny_package,
     assert run_events[0]["stage"] == "initial" and run_events[-1]["event"] == "done"
 
 
-RESUME_OPTIONS = ("--variants", "isl_mask", "--steps", "4", "--update-every", "2", "--rounds", "1",
-                  "--align-iterations", "5", "--seed", "3", "--device", "cpu", "--progress", "json")
-
-
-def evaluate_arguments(cases, package, output, *extra) -> list[str]:
-    return ["evaluate", "--cases", str(cases), "--model", str(package), "--output", str(output), *RESUME_OPTIONS,
-            *extra]
-
-
 def file_times(folder) -> dict:
     return {path: path.stat().st_mtime_ns for path in folder.rglob("*") if path.is_file()}
 
 
-def evaluate_in_process(capsys, *arguments) -> tuple[int, list[dict]]:
-    capsys.readouterr()
-    code = cli.main(list(arguments))
-    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-
-
-def test_resume_after_a_kill_computes_only_the_unfinished_cases(tiny_package, cases, tmp_path, capsys):
-    code, _ = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, tmp_path / "uninterrupted"))
-    assert code == 0
-
+def test_resume_after_a_kill_computes_only_the_unfinished_cases(evaluation, tiny_package, cases, tmp_path):
     output = tmp_path / "interrupted"
     worker = LiveWorker(*evaluate_arguments(cases, tiny_package, output), stderr_path=tmp_path / "stderr.txt")
     for event in worker.events():
@@ -175,30 +180,30 @@ def test_resume_after_a_kill_computes_only_the_unfinished_cases(tiny_package, ca
     assert not (output / "metrics.csv").exists()
     first_case = file_times(output / "cases" / "phantom_020")
 
-    resumed, events = run_worker(*evaluate_arguments(cases, tiny_package, output, "--resume"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, events = evaluate_in_process(*evaluate_arguments(cases, tiny_package, output, "--resume"))
+    assert code == 0, events[-3:]
     assert {event["case"]: event["read_back"] for event in events if event["event"] == "case"} == \
            {"phantom_020": True, "phantom_021": False, "corrupt": False}
     assert {event["case"] for event in events if event.get("method")} == {"phantom_021"}  # runs of case 2 only
     assert file_times(output / "cases" / "phantom_020") == first_case
     assert (output / "metrics.csv").read_text(encoding="utf-8") == \
-           (tmp_path / "uninterrupted" / "metrics.csv").read_text(encoding="utf-8")
+           (evaluation[0] / "metrics.csv").read_text(encoding="utf-8"), "resumed, the same scores as uninterrupted"
 
     # A finished evaluation resumed: only the failed case runs again.
-    code, events = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, output, "--resume"))
+    code, events = evaluate_in_process(*evaluate_arguments(cases, tiny_package, output, "--resume"))
     assert code == 0
     assert [event["case"] for event in events if event["event"] == "case" and not event["read_back"]] == ["corrupt"]
     assert not [event for event in events if event.get("method")]
 
 
-def test_an_earlier_evaluation_is_refused_without_resume_or_overwrite(tiny_package, cases, tmp_path, capsys):
+def test_an_earlier_evaluation_is_refused_without_resume_or_overwrite(tiny_package, cases, tmp_path):
     output = tmp_path / "evaluation"
     output.mkdir()
     (output / "settings.json").write_text(json.dumps({"refine": {"steps": 99}}), encoding="utf-8")
-    code, events = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, output))
+    code, events = evaluate_in_process(*evaluate_arguments(cases, tiny_package, output))
     assert code == 7 and events[-1]["kind"] == "output_folder"
     assert "--resume" in events[-1]["message"] and "--overwrite" in events[-1]["message"]
-    code, events = evaluate_in_process(capsys, *evaluate_arguments(cases, tiny_package, output, "--resume"))
+    code, events = evaluate_in_process(*evaluate_arguments(cases, tiny_package, output, "--resume"))
     assert code == 7 and "other settings" in events[-1]["message"] and "refine" in events[-1]["message"]
     assert not (output / "cases").exists()  # refused before any run
     with pytest.raises(SystemExit) as usage:
