@@ -7,7 +7,8 @@ For each phantom `shifted_spec(2000 + i)` (those of benchmarks/evaluate_phantoms
 demo model; a simulated user corrects the organ with the lowest Dice on 3 axial slices (at 25, 50 and 75 %
 of its true extent: the truth is copied into those slices for that organ), and runs `isseg refine
 --initial-mask --edited-region` with the same settings; as a control, the same run again from the plain
-result without edits (`--initial-mask` = the plain labelmap, no region). Prints and writes DIR/summary.md: Dice per organ
+result without edits (`--initial-mask` = the plain labelmap, no region), and from the edited mask without
+the region (`--initial-mask` only: no training on the case, edits not enforced). Prints and writes DIR/summary.md: Dice per organ
 after both runs with paired Wilcoxon p-values, the corrected organ's Dice on the slices NOT edited, and the
 AUC of both uncertainty measures as detectors of the plain run's wrong voxels: the plain run writes the
 disagreement map (`--uncertainty disagreement`, which changes only what uncertainty.nrrd shows, not the
@@ -87,6 +88,7 @@ def run_case(seed: int, work: Path, options: list[str]) -> dict:
     edits = refine(image_path, folder / "edits", options, "--initial-mask", str(folder / "initial_mask.nrrd"),
                    "--edited-region", str(folder / "edited_region.nrrd"))
     again = refine(image_path, folder / "again", options, "--initial-mask", str(folder / "plain" / "labelmap.nrrd"))
+    mask_only = refine(image_path, folder / "mask_only", options, "--initial-mask", str(folder / "initial_mask.nrrd"))
     kept = np.array_equal(edits[region > 0], edited[region > 0])
     not_edited = np.ones(truth.shape[0], dtype=bool)
     not_edited[slices] = False
@@ -99,6 +101,8 @@ def run_case(seed: int, work: Path, options: list[str]) -> dict:
         "edits_not_edited": dice_per_label(edits[not_edited], truth[not_edited], [worst])[0],
         "again": dice_per_label(again, truth, ORGANS),
         "again_not_edited": dice_per_label(again[not_edited], truth[not_edited], [worst])[0],
+        "mask_only": dice_per_label(mask_only, truth, ORGANS),
+        "mask_only_not_edited": dice_per_label(mask_only[not_edited], truth[not_edited], [worst])[0],
         "auc_entropy": [error_detection_auc(entropy, plain, truth, v) for v in ORGANS],
         "auc_disagreement": [error_detection_auc(disagreement, plain, truth, v) for v in ORGANS],
     }
@@ -110,7 +114,8 @@ def summary(results: list[dict]) -> str:
 
     names = list(ORGANS.values())
     rows = []
-    runs = (("plain", "plain ISL"), ("edits", "refine from edits"), ("again", "again from the ISL result, no edits"))
+    runs = (("plain", "plain ISL"), ("edits", "refine from edits"), ("again", "again from the ISL result, no edits"),
+            ("mask_only", "from the edited mask, no region"))
     for key, title in runs:
         rows.append([title] + [mean_sd([r[key][i] for r in results]) for i in range(len(names))])
     for key, title in (("plain", "p edits vs plain (Wilcoxon, paired)"), ("again", "p edits vs again (Wilcoxon, paired)")):
