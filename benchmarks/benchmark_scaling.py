@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_refine import resident_bytes  # noqa: E402
+from run_timing import resident_bytes  # noqa: E402
 
 STAGES = ("align", "fine-tune", "predict")
 BASE = ((96, 96, 96), 8, 6)
