@@ -30,7 +30,8 @@ from InferenceSpecificSegLib.logic import RefinementLogic, RunState, isDemoPhant
 from InferenceSpecificSegLib.protocol import describeOrganChanges, readSegmentsFile
 from InferenceSpecificSegLib.segmentation import addLabelmapAsSegmentation
 from InferenceSpecificSegLib.settings import AlignmentMode, Device, Loss, RunSettings
-from InferenceSpecificSegLib.worker import WorkerError, WorkerTask, WorkerTaskPoller, deviceInfoFromTask, workerEnvironment
+from InferenceSpecificSegLib.worker import (WORKER_MODULE, WorkerError, WorkerTask, WorkerTaskPoller, deviceInfoFromTask,
+                                           workerEnvironment)
 
 
 # Each library module after the ones it imports (onReload reloads them in this order).
@@ -131,6 +132,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.pollTimer.connect("timeout()", self.onPollTimer)
         self.devicePoller = WorkerTaskPoller(qt.QTimer(), self.onDeviceAnswer, self.POLL_INTERVAL_MS)
         self.phantomPoller = WorkerTaskPoller(qt.QTimer(), self.onPhantomWritten, self.POLL_INTERVAL_MS)
+        self.installPoller = WorkerTaskPoller(qt.QTimer(), self.onModelInstalled, self.POLL_INTERVAL_MS,
+                                              self.onInstallProgress)
 
         self.refreshModelList()
         self.initializeParameterNode()
@@ -152,8 +155,8 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         """Slicer is unloading the module (on exit, before it deletes the scene, whose destructor closes it once
         more): end the run and leave nothing connected to the scene, the parameter node included."""
         self.pollTimer.stop()
-        self.devicePoller.stop()
-        self.phantomPoller.stop()
+        for poller in (self.devicePoller, self.phantomPoller, self.installPoller):
+            poller.stop()
         self.logic.run.stopNow()
         self.setParameterNode(None)
         self.removeObservers()
@@ -233,16 +236,31 @@ class InferenceSpecificSegWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.installModel(path)
 
     def installModel(self, source: str) -> None:
+        """Check and copy the package in a worker process (an atlas can be gigabytes); onModelInstalled follows."""
         try:
-            with slicer.util.WaitCursor():
-                entry = models.installModelPackage(source, self.logic.modelsDirectory)
-        except models.ModelPackageError as error:
+            self.installPoller.start(self.logic.startModelInstall(source))
+        except WorkerError as error:
             slicer.util.errorDisplay(str(error), windowTitle=_("Not a usable model package"))
             return
+        self.ui.addModelButton.enabled = False
+        self.ui.statusLabel.text = _("Installing the model package...")
+
+    def onInstallProgress(self, task) -> None:
+        progress = task.lastEvent("progress")
+        if progress:
+            self.ui.statusLabel.text = _("Installing the model package: {percent} % of {size} MB.").format(
+                percent=100 * progress["step"] // max(progress["total"], 1), size=round(progress["total"] / 1e6))
+
+    def onModelInstalled(self, task) -> None:
+        self.ui.addModelButton.enabled = True
+        installed = task.lastEvent("done")
+        if installed is None:
+            slicer.util.errorDisplay(task.failureText(), windowTitle=_("Not a usable model package"))
+            return
         self.refreshModelList()
-        self._parameterNode.model = entry.location
-        self.ui.statusLabel.text = _("Installed the model '{title}'.").format(title=entry.title) + "\n" + \
-            models.modelDetailsText(entry.location)
+        self._parameterNode.model = installed["location"]
+        self.ui.statusLabel.text = _("Installed the model '{title}'.").format(title=installed["title"]) + "\n" + \
+            models.modelDetailsText(installed["location"])
 
     def onStartButton(self) -> None:
         if self.logic.run.status.active:
@@ -451,10 +469,14 @@ class InferenceSpecificSegLogic(ScriptedLoadableModuleLogic):
                                   readSegmentsFile(Path(written["segments"])), _("Demo phantom truth"))
         return volumeNode
 
-    def startWorkerTask(self, arguments: list, timeoutSeconds: float = 120.0) -> WorkerTask:
+    def startModelInstall(self, source: str) -> WorkerTask:
+        """models.installModelPackage of `source` into the models folder, in a worker process (see models.main)."""
+        return self.startWorkerTask(["install", source, self.modelsDirectory], 3600.0, models.__name__)
+
+    def startWorkerTask(self, arguments: list, timeoutSeconds: float = 120.0, module: str = WORKER_MODULE) -> WorkerTask:
         """A short worker command in the background, in a private folder of Slicer's temporary folder."""
         return WorkerTask(self.run.pythonExecutable, arguments, workerEnvironment(self.run.moduleDirectory),
-                          self.run.workDirectory, timeoutSeconds)
+                          self.run.workDirectory, timeoutSeconds, module)
 
 
 class InferenceSpecificSegTest(ScriptedLoadableModuleTest):

@@ -2,6 +2,7 @@
 the model list and package checks, the dependency check."""
 
 import json
+import os
 import zipfile
 
 import pytest
@@ -195,3 +196,22 @@ def test_refused_install_leaves_the_models_folder_as_it_was(tmp_path):
     with pytest.raises(ModelPackageError, match="neither a folder nor a .zip"):
         installModelPackage(notAPackage, modelsDirectory)
     assert list(modelsDirectory.iterdir()) == [] and not (tmp_path / "escape.txt").exists()
+
+
+def test_install_as_a_process_reports_progress_and_the_installed_entry(tmp_path):
+    import subprocess
+    import sys
+
+    from slicer_test_support import MODULE_DIRECTORY
+
+    source = writePackage(tmp_path / "source", name="Pelvis CT")
+    (source / "atlas" / "case0_image.nrrd").write_bytes(b"\0" * 1_000_000)
+    modelsDirectory = installedModelsDirectory(tmp_path / "settings")
+    result = subprocess.run([sys.executable, "-m", "InferenceSpecificSegLib.models", "install", str(source), str(modelsDirectory)],
+                            capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(MODULE_DIRECTORY)})
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    progress = [event for event in events if event["event"] == "progress"]
+    assert progress and progress[-1]["step"] == progress[-1]["total"] > 1_000_000
+    assert [event["step"] for event in progress] == sorted(event["step"] for event in progress)
+    assert events[-1] == {"event": "done", "location": str(modelsDirectory / "Pelvis_CT"), "title": "Pelvis CT 1.2"}

@@ -299,3 +299,32 @@ def test_refine_from_edits_uncertainty_overlay_and_change_list(slicerApp, volume
     assert widget._parameterNode.outputSegmentation is not result
     assert widget._parameterNode.outputSegmentation.GetName() == "CT ISL from edits"
     assert not widget.ui.refineFromEditsButton.enabled and slicerApp.dialogs.shown == []
+
+
+def test_add_model_package_installs_in_a_worker_process_with_progress(slicerApp, volumeNode):
+    import qt
+
+    from test_slicer_library import writePackage
+
+    _, widget = loadModule(slicerApp)
+    widget.logic.run.pythonExecutable = sys.executable
+    source = writePackage(slicerApp.tmp / "package", name="Pelvis CT")
+    (source / "atlas" / "case0_image.nrrd").write_bytes(b"\0" * 5_000_000)  # something to copy
+    qt.QFileDialog.answers.append(str(source))
+    started = time.monotonic()
+    widget.ui.addModelButton.menu().actions[0].trigger()  # "Model package folder..."
+    assert time.monotonic() - started < 1.0 and not widget.ui.addModelButton.enabled
+    assert widget.ui.statusLabel.text.startswith("Installing the model package")
+    runEventLoop(slicerApp, lambda: not widget.installPoller.busy, seconds=60)
+    assert slicerApp.dialogs.shown == []
+    assert widget.ui.addModelButton.enabled
+    assert widget._parameterNode.model == str(widget.logic.modelsDirectory / "Pelvis_CT")
+    assert widget.ui.statusLabel.text.startswith("Installed the model 'Pelvis CT 1.2'.")
+
+    broken = writePackage(slicerApp.tmp / "broken", name="Broken")
+    (broken / "model.safetensors").unlink()
+    qt.QFileDialog.answers.append(str(broken))
+    widget.ui.addModelButton.menu().actions[0].trigger()
+    runEventLoop(slicerApp, lambda: not widget.installPoller.busy, seconds=60)
+    assert len(slicerApp.dialogs.shown) == 1 and "weights file" in slicerApp.dialogs.shown[0][1]
+    assert not (widget.logic.modelsDirectory / "Broken").exists()

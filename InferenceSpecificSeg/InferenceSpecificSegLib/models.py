@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import shutil
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Union
 
 from isseg import archive  # standard library only, like isseg.protocol
+from isseg.protocol import EVENT_DONE, EVENT_ERROR, EVENT_PROGRESS, EXIT_BAD_MODEL, EXIT_DONE
 
 from .i18n import tr as _
 
@@ -169,18 +171,19 @@ def availableModels(modelsDirectory: Union[str, Path]) -> list:
     return [demoModel()] + sorted(installed, key=lambda entry: entry.title.lower())
 
 
-def installModelPackage(source: Union[str, Path], modelsDirectory: Union[str, Path]) -> ModelEntry:
+def installModelPackage(source: Union[str, Path], modelsDirectory: Union[str, Path], progress=None) -> ModelEntry:
     """Validate the package folder or .zip `source` and copy it into `modelsDirectory`, replacing an
     installed package of the same name. Returns the installed entry; raises ModelPackageError and then
-    leaves `modelsDirectory` as it was."""
+    leaves `modelsDirectory` as it was. `progress(bytesCopied, bytesInAll)`, when given, follows the copy
+    (file by file). The panel runs this in a process of its own (see `main`): an atlas can be gigabytes."""
     source, modelsDirectory = Path(source), Path(modelsDirectory)
     modelsDirectory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".installing-", dir=modelsDirectory))
     try:
         if source.is_dir():
-            shutil.copytree(source, staging / "package")
+            _copyFolder(source, staging / "package", progress)
         elif zipfile.is_zipfile(source):
-            _extractZip(source, staging / "package")
+            _extractZip(source, staging / "package", progress)
         else:
             raise ModelPackageError(_("'{source}' is neither a folder nor a .zip file. Pick the model package folder "
                                       "or its .zip.").format(source=source))
@@ -199,11 +202,25 @@ def installModelPackage(source: Union[str, Path], modelsDirectory: Union[str, Pa
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _extractZip(zipPath: Path, target: Path) -> None:
+def _copyFolder(source: Path, target: Path, progress) -> None:
+    total = sum(path.stat().st_size for path in source.rglob("*") if path.is_file())
+    copied = 0
+
+    def copyFile(sourceFile, targetFile):
+        nonlocal copied
+        shutil.copy2(sourceFile, targetFile)
+        copied += Path(sourceFile).stat().st_size
+        if progress is not None:
+            progress(copied, total)
+
+    shutil.copytree(source, target, copy_function=copyFile)
+
+
+def _extractZip(zipPath: Path, target: Path, progress) -> None:
     """Unpack with the engine's safe extraction (isseg.archive: paths confined, no links, size and zip-bomb
     limits, CRC checked); `target` is in the staging folder, which installModelPackage removes in any case."""
     try:
-        archive.extract(zipPath, target)
+        archive.extract(zipPath, target, progress)
     except archive.ArchiveError as error:
         raise ModelPackageError(_("Not installed: {error}").format(error=error)) from None
 
@@ -211,3 +228,34 @@ def _extractZip(zipPath: Path, target: Path) -> None:
 def _folderName(modelName: str) -> str:
     """A file-system-safe folder name for a package called `modelName`."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", modelName).strip("._") or "model"
+
+
+def main(arguments: list) -> int:
+    """`python -m InferenceSpecificSegLib.models install SOURCE MODELS_FOLDER`: installModelPackage in a process of
+    its own, so that copying a large package never freezes Slicer (the panel runs it as a worker.WorkerTask).
+    Worker-protocol events on stdout: `progress` (stage "install", step and total in bytes, at most one per
+    percent), then `done` (location, title) or `error` (kind "bad_model", message; exit code 4)."""
+    _command, source, modelsDirectory = arguments
+    shown = -1
+
+    def emit(**event):
+        print(json.dumps(event), flush=True)
+
+    def report(copied, total):
+        nonlocal shown
+        percent = 100 * copied // max(total, 1)
+        if percent != shown:
+            shown = percent
+            emit(event=EVENT_PROGRESS, stage="install", step=copied, total=total)
+
+    try:
+        entry = installModelPackage(source, modelsDirectory, report)
+    except ModelPackageError as error:
+        emit(event=EVENT_ERROR, kind="bad_model", message=str(error))
+        return EXIT_BAD_MODEL
+    emit(event=EVENT_DONE, location=entry.location, title=entry.title)
+    return EXIT_DONE
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -31,9 +31,9 @@ class WorkerError(RuntimeError):
     """The worker could not be started or did not answer; the message says what to do."""
 
 
-def workerCommand(pythonExecutable: str, arguments: list) -> list:
-    """The command line that runs the worker CLI with `arguments` (e.g. ["refine", "--input", ...])."""
-    return [str(pythonExecutable), "-m", WORKER_MODULE, *[str(argument) for argument in arguments]]
+def workerCommand(pythonExecutable: str, arguments: list, module: str = WORKER_MODULE) -> list:
+    """The command line that runs the worker CLI (or another `module`) with `arguments` (e.g. ["refine", ...])."""
+    return [str(pythonExecutable), "-m", module, *[str(argument) for argument in arguments]]
 
 
 def workerEnvironment(moduleDirectory: str, baseEnvironment: Optional[dict] = None) -> dict:
@@ -223,21 +223,22 @@ class DeviceInfo:
 
 
 class WorkerTask:
-    """A short worker command (devices, phantom) running in the background, polled from a GUI timer: its
-    events are collected as they arrive, and it is killed once it has run `timeoutSeconds`.
+    """A short worker command (devices, phantom, a model install) running in the background, polled from a GUI
+    timer: its events are collected as they arrive, and it is killed once it has run `timeoutSeconds`.
 
-    `arguments` are the worker CLI's (e.g. ["devices"]); the task runs in a new private folder under
-    `workDirectory` (`directory`), which receives its log (worker.log) and whatever it writes there.
+    `arguments` are those of `module`'s command line (the worker CLI's by default, e.g. ["devices"]); the task
+    runs in a new private folder under `workDirectory` (`directory`), which receives its log (worker.log) and
+    whatever it writes there.
     Raises WorkerError when the worker cannot be started."""
 
     def __init__(self, pythonExecutable: str, arguments: list, environment: dict, workDirectory=None,
-                 timeoutSeconds: float = 120.0):
+                 timeoutSeconds: float = 120.0, module: str = WORKER_MODULE):
         self.directory = Path(tempfile.mkdtemp(prefix=f"InferenceSpecificSeg-{arguments[0]}-", dir=workDirectory))
         self.events: list = []
         self.timedOut = False
         self._deadline = time.monotonic() + timeoutSeconds
         try:
-            self._worker = WorkerProcess(workerCommand(pythonExecutable, arguments), self.directory,
+            self._worker = WorkerProcess(workerCommand(pythonExecutable, arguments, module), self.directory,
                                          self.directory / "worker.log", environment)
         except WorkerError:
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -272,11 +273,13 @@ class WorkerTask:
 
 class WorkerTaskPoller:
     """Polls one WorkerTask at a time from `timer` (a QTimer of the panel, given so that this module needs no Qt)
-    every `intervalMilliseconds`, and calls `finished(task)` once the task has exited."""
+    every `intervalMilliseconds`: calls `update(task)` (when given) after each poll while it runs, and
+    `finished(task)` once it has exited."""
 
-    def __init__(self, timer, finished, intervalMilliseconds: int):
+    def __init__(self, timer, finished, intervalMilliseconds: int, update=None):
         self.task: Optional[WorkerTask] = None
         self._finished = finished
+        self._update = update
         self.timer = timer
         self.timer.setInterval(intervalMilliseconds)
         self.timer.connect("timeout()", self._poll)
@@ -301,6 +304,8 @@ class WorkerTaskPoller:
             self.timer.stop()
             task, self.task = self.task, None
             self._finished(task)
+        elif self._update is not None:
+            self._update(self.task)
 
 
 def deviceInfoFromTask(task: WorkerTask) -> DeviceInfo:

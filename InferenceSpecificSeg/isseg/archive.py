@@ -107,20 +107,28 @@ def unpacked_size(members) -> int:
     return sum(info.file_size for info, _ in members)
 
 
-def extract(zip_path: str | os.PathLike, target: str | os.PathLike) -> dict[str, str]:
+def extract(zip_path: str | os.PathLike, target: str | os.PathLike, progress=None) -> dict[str, str]:
     """Unpack `zip_path` into the new folder `target` (its parent must exist; `target` must not).
 
     Returns {relative path: SHA-256} of the files written. Raises ArchiveError (ArchiveSpaceError when
     it does not fit on the disk); `target` may then hold part of the files: unpack into a staging
-    folder (as `unpack_cached` does) and remove it on failure.
+    folder (as `unpack_cached` does) and remove it on failure. `progress(bytes_written, bytes_in_all)`,
+    when given, is called after each file.
     """
     zip_path, target = Path(zip_path), Path(target)
     try:
         with zipfile.ZipFile(zip_path) as archive:
             members = checked_members(archive, zip_path.stat().st_size)
-            _require_space(target.parent, unpacked_size(members))
+            total = unpacked_size(members)
+            _require_space(target.parent, total)
             target.mkdir(mode=0o755)
-            return {path.as_posix(): _write_member(archive, info, target, path) for info, path in members}
+            written, digests = 0, {}
+            for info, path in members:
+                digests[path.as_posix()] = _write_member(archive, info, target, path)
+                written += info.file_size
+                if progress is not None:
+                    progress(written, total)
+            return digests
     except ArchiveError as error:
         raise type(error)(f"'{zip_path}' cannot be unpacked: {error}.") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as error:
