@@ -161,20 +161,20 @@ def representative_slices(truth: np.ndarray) -> dict[str, int]:
     return indices
 
 
-def _slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
+def view_slice(volume: np.ndarray, view: str, index: int) -> np.ndarray:
     """Axial (volume[z]) or coronal (volume[:, y]) slice of a (z, y, x) volume."""
     return volume[index] if view == "axial" else volume[:, index]
 
 
-def _extent(image: sitk.Image, view: str) -> list[float]:
+def view_extent(image: sitk.Image, view: str) -> list[float]:
     """imshow extent (left, right, bottom, top) in mm of an axial (x, y) or coronal (x, z) slice."""
     size, spacing = image.GetSize(), image.GetSpacing()
     width = size[0] * spacing[0]
     return [0, width, size[1] * spacing[1], 0] if view == "axial" else [0, width, 0, size[2] * spacing[2]]
 
 
-def _body_limits(ct: np.ndarray, image: sitk.Image, margin_mm: float = 10.0) -> dict[str, tuple[float, float]]:
-    """Shown range (mm, in the coordinates of `_extent`) along x, y and z: the body (above -500 HU) plus a
+def body_limits(ct: np.ndarray, image: sitk.Image, margin_mm: float = 10.0) -> dict[str, tuple[float, float]]:
+    """Shown range (mm, in the coordinates of `view_extent`) along x, y and z: the body (above -500 HU) plus a
     margin, so that a shifted field of view does not leave half of each panel black."""
     body = ct > -500
     limits = {}
@@ -200,7 +200,7 @@ def contour_figure(ct: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarra
     from matplotlib.lines import Line2D
 
     indices = representative_slices(truth)
-    limits = _body_limits(ct, image)
+    limits = body_limits(ct, image)
     # (horizontal, vertical) limits of each view; the axial vertical axis points down (anterior up).
     view_limits = {"axial": (limits["x"], limits["y"][::-1]), "coronal": (limits["x"], limits["z"])}
     width = limits["x"][1] - limits["x"][0]
@@ -209,14 +209,14 @@ def contour_figure(ct: np.ndarray, truth: np.ndarray, masks: dict[str, np.ndarra
                                 gridspec_kw={"height_ratios": heights}, squeeze=False)
     for column, (method, mask) in enumerate(masks.items()):
         for row, view in enumerate(VIEWS):
-            ax, extent, index = axes[row, column], _extent(image, view), indices[view]
+            ax, extent, index = axes[row, column], view_extent(image, view), indices[view]
             origin = "upper" if view == "axial" else "lower"
-            ax.imshow(_slice(ct, view, index), cmap="gray", vmin=DISPLAY_WINDOW_HU[0], vmax=DISPLAY_WINDOW_HU[1],
+            ax.imshow(view_slice(ct, view, index), cmap="gray", vmin=DISPLAY_WINDOW_HU[0], vmax=DISPLAY_WINDOW_HU[1],
                       extent=extent, origin=origin, interpolation="bilinear")
             for label in labels:
                 for labelmap, color, style, line_width in ((truth, "white", "dashed", 1.0),
                                                            (mask, label["color"], "solid", 1.6)):
-                    region = (_slice(labelmap, view, index) == label["value"]).astype(float)
+                    region = (view_slice(labelmap, view, index) == label["value"]).astype(float)
                     if region.any():
                         ax.contour(region, levels=[0.5], colors=[color], linestyles=style, linewidths=line_width,
                                    extent=extent, origin=origin)
