@@ -22,7 +22,7 @@ from .protocol import (EXIT_CANCELLED, OPTION_EDITED_REGION, OPTION_INITIAL_MASK
 from .review import loadUncertainty, showOverlay
 from .segmentation import LiveSegmentation, writeVolumeForWorker
 from .settings import RunSettings
-from .worker import WorkerProcess, readLogTail, workerCommand, workerEnvironment
+from .worker import WORKER_MODULE, WorkerProcess, WorkerTask, readLogTail, workerCommand, workerEnvironment
 
 MODULE_DIRECTORY = Path(__file__).resolve().parent.parent  # holds the isseg package
 # What the user's edits of a segmentation node fire (voxels painted or erased, segments added or removed).
@@ -115,6 +115,12 @@ class RefinementLogic:
     def logTail(self, lines: int = 40) -> str:
         """The end of the current (or last) run's worker log, "" before the first run."""
         return readLogTail(self.runDirectory / "worker.log", lines) if self.runDirectory else ""
+
+    def startWorkerTask(self, arguments: list, timeoutSeconds: float = 120.0, module: str = WORKER_MODULE) -> WorkerTask:
+        """A short worker command (devices, phantom, a model install) in the background, in a private folder of
+        the work directory, with this logic's interpreter and environment; poll it (worker.WorkerTaskPoller)."""
+        return WorkerTask(self.pythonExecutable, arguments, workerEnvironment(self.moduleDirectory), self.workDirectory,
+                          timeoutSeconds, module)
 
     def start(self, volumeNode, model: str, settings: RunSettings) -> RunStatus:
         """Write `volumeNode` to a new private run folder and start the worker on it with `model` ("demo" or
