@@ -160,3 +160,14 @@ def test_change_list_comes_from_the_worker(fakeLogic, volumeNode):
                  "<b>changed, uncertain</b>", "<td>spleen</td>"):
         assert cell in text
     assert describeOrganChanges([]) == ""
+
+
+def test_an_uncertainty_map_the_user_deleted_is_not_shown(fakeLogic, volumeNode, scene):
+    """A map removed from the scene (by the user, or by closing the scene) is gone for the panel too: the
+    check box is disabled and no slice view gets the ID of a node that no longer exists."""
+    sliceView = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    finishedRun(fakeLogic, volumeNode)
+    scene.RemoveNode(fakeLogic.uncertaintyNode)
+    assert fakeLogic.uncertaintyNode is None
+    fakeLogic.showUncertainty(True)
+    assert sliceView.GetForegroundVolumeID() is None

@@ -81,7 +81,7 @@ class RefinementLogic:
 
     Edits are never overwritten: a run from edits writes to a new node, and the edited node is left as it is.
     `editedRegion` is the region the last run from edits trusted (None after a plain start), `uncertaintyNode`
-    the scalar volume showing the last uncertainty map (None before the first). `onResultEdited`, when set,
+    the scalar volume showing the last uncertainty map (None before the first and once it left the scene). `onResultEdited`, when set,
     is called (without arguments) each time the current result node fires an edit event.
     """
 
@@ -103,7 +103,7 @@ class RefinementLogic:
         self._model: Optional[str] = None
         self._editsSource = None  # the edited node the current run started from, if any
         self.editedRegion = None
-        self.uncertaintyNode = None
+        self._uncertaintyNode = None
         self.onResultEdited = None
         self._watched = (None, [])  # the result node observed for edits, and its observer tags
 
@@ -115,6 +115,13 @@ class RefinementLogic:
     def logTail(self, lines: int = 40) -> str:
         """The end of the current (or last) run's worker log, "" before the first run."""
         return readLogTail(self.runDirectory / "worker.log", lines) if self.runDirectory else ""
+
+    @property
+    def uncertaintyNode(self):
+        """The scalar volume showing the last uncertainty map; None before the first, and once it has left the
+        scene (the user deleted it, the scene was closed), so that nothing offers or shows a node that is gone."""
+        node = self._uncertaintyNode
+        return node if node is not None and node.GetScene() is self.scene else None
 
     def startWorkerTask(self, arguments: list, timeoutSeconds: float = 120.0, module: str = WORKER_MODULE) -> WorkerTask:
         """A short worker command (devices, phantom, a model install) in the background, in a private folder of
@@ -303,7 +310,7 @@ class RefinementLogic:
             return
         volumeNode = self._live.volumeNode
         try:
-            self.uncertaintyNode = loadUncertainty(self.scene, path, volumeNode, _("{volume} ISL uncertainty").format(
+            self._uncertaintyNode = loadUncertainty(self.scene, path, volumeNode, _("{volume} ISL uncertainty").format(
                 volume=volumeNode.GetName()), self.uncertaintyNode)
         except RuntimeError as error:
             logging.warning("InferenceSpecificSeg could not load the uncertainty map: %s", error)

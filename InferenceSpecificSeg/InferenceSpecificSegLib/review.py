@@ -31,10 +31,10 @@ def uncertaintyColorTable(scene):
 
 
 def loadUncertainty(scene, path: Path, volumeNode, name: str, node=None):
-    """Show the uncertainty map file `path` in `node` (or in a new scalar volume node named `name`), with
+    """Show the uncertainty map file `path` in `node` (a node of `scene`, or in a new scalar volume node named `name`), with
     the overlay colour table, the window 0..1 and the parent transform of the CT `volumeNode`. Returns
     the node; RuntimeError when the file cannot be read."""
-    if node is None or node.GetScene() is not scene:
+    if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
         node.CreateDefaultDisplayNodes()
         placeNextTo(node, volumeNode)
