@@ -124,7 +124,17 @@ class LiveSegmentation:
         self.node = None
         self.editedNodes = []  # nodes left alone because the user edited them during the run
         self._stamp = None  # editStamp of the node after the last update
-        self.publishedLabels = None
+        # The last labelmap shown, renumbered 1..N (flat), its label values and its shape [k, j, i]: publishedLabels
+        # is derived from them only when asked for (refine from edits), not at every snapshot of a run.
+        self._published = None
+
+    @property
+    def publishedLabels(self):
+        """uint8 voxels [k, j, i] of the last labelmap shown, in the model's label values; None before the first."""
+        if self._published is None:
+            return None
+        renumbered, values, shape = self._published
+        return np.array([0, *values], dtype=np.uint8)[renumbered].reshape(shape)
 
     @property
     def edited(self) -> bool:
@@ -137,7 +147,7 @@ class LiveSegmentation:
         protocol.SegmentDescription). Voxels with a value not in `segments` are ignored."""
         labelmapNode = readLabelmap(labelmapPath)
         values = [segment.value for segment in segments]
-        published = _renumberLabels(labelmapNode, values)
+        renumbered = _renumberLabels(labelmapNode, values)
         if self.node is None or self.node.GetScene() is not self.scene:
             self.node = self._newNode()
         elif self.edited:
@@ -162,7 +172,7 @@ class LiveSegmentation:
             if labelmapNode.GetScene() is not None:
                 self.scene.RemoveNode(labelmapNode)
         self._stamp = editStamp(self.node)
-        self.publishedLabels = published.reshape(labelmapNode.GetImageData().GetDimensions()[::-1])
+        self._published = (renumbered, values, labelmapNode.GetImageData().GetDimensions()[::-1])
 
     def rename(self, name: str) -> None:
         """Give the current node (if any) the name `name`, made unique in the scene (e.g. to mark a partial result)."""
@@ -203,7 +213,7 @@ def addLabelmapAsSegmentation(scene, volumeNode, labelmapPath: Path, segments: l
 
 def _renumberLabels(labelmapNode, values: list) -> np.ndarray:
     """Map label `values[i]` to i + 1 (the import maps value i + 1 to the i-th segment ID) and any other
-    value to 0, in place. Returns the voxels as they were (flat, uint8), any value not in `values` set to 0."""
+    value to 0, in place. Returns the renumbered voxels (flat, uint8)."""
     image = labelmapNode.GetImageData()
     voxels = np.clip(vtk_to_numpy(image.GetPointData().GetScalars()), 0, None)
     lookup = np.zeros(max(256, int(voxels.max()) + 1), dtype=np.uint8)
@@ -212,4 +222,4 @@ def _renumberLabels(labelmapNode, values: list) -> np.ndarray:
     renumbered = lookup[voxels]
     scalars = numpy_to_vtk(renumbered, deep=True, array_type=vtk.VTK_UNSIGNED_CHAR)
     image.GetPointData().SetScalars(scalars)
-    return np.array([0, *values], dtype=np.uint8)[renumbered]
+    return renumbered
