@@ -39,6 +39,15 @@ def run(tmp_path):
     return scene, volumeNode, inputPath, segments, tmp_path
 
 
+def showFirstSnapshot(run):
+    """A LiveSegmentation of the run's CT that shows its first snapshot (blobLabels(), snapshot_0000.nrrd)."""
+    scene, volumeNode, inputPath, segments, directory = run
+    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
+    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
+    live.update(directory / "snapshot_0000.nrrd", segments)
+    return live
+
+
 def segmentationNodes(scene):
     return [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode") for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
 
@@ -94,9 +103,7 @@ def test_snapshot_becomes_segments_with_model_names_colors_and_exact_voxels(run)
 
 def test_repeated_snapshots_update_one_node_with_stable_segment_ids(run):
     scene, volumeNode, inputPath, segments, directory = run
-    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
-    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
-    live.update(directory / "snapshot_0000.nrrd", segments)
+    live = showFirstSnapshot(run)
     firstNode, firstIds = live.node, segmentIds(live.node)
     firstSegments = [firstNode.GetSegmentation().GetSegment(segmentId) for segmentId in firstIds]
 
@@ -115,9 +122,7 @@ def test_repeated_snapshots_update_one_node_with_stable_segment_ids(run):
 
 def test_user_edited_segmentation_is_not_overwritten(run):
     scene, volumeNode, inputPath, segments, directory = run
-    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
-    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
-    live.update(directory / "snapshot_0000.nrrd", segments)
+    live = showFirstSnapshot(run)
     editedNode = live.node
 
     # The user paints the whole volume into the liver, the way Segment Editor effects write.
@@ -143,9 +148,7 @@ def test_user_edited_segmentation_is_not_overwritten(run):
 
 def test_display_changes_are_not_edits(run):
     scene, volumeNode, inputPath, segments, directory = run
-    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
-    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
-    live.update(directory / "snapshot_0000.nrrd", segments)
+    live = showFirstSnapshot(run)
     node = live.node
     node.GetDisplayNode().SetSegmentVisibility("label_2", False)
     node.GetDisplayNode().SetOpacity(0.3)
@@ -158,9 +161,7 @@ def test_display_changes_are_not_edits(run):
 
 def test_voxels_changed_in_place_are_an_edit_and_3d_surfaces_are_not(run):
     scene, volumeNode, inputPath, segments, directory = run
-    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
-    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
-    live.update(directory / "snapshot_0000.nrrd", segments)
+    live = showFirstSnapshot(run)
     node = live.node
     node.CreateClosedSurfaceRepresentation()  # "Show 3D"
     writeSnapshot(inputPath, blobLabels(1), directory / "snapshot_0001.nrrd")
@@ -178,9 +179,7 @@ def test_voxels_changed_in_place_are_an_edit_and_3d_surfaces_are_not(run):
 def test_the_edit_check_reads_no_voxel_of_the_shown_result(run, monkeypatch):
     """Each update reads the new snapshot's voxels only: the check for user edits costs the same for any volume."""
     scene, volumeNode, inputPath, segments, directory = run
-    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
-    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
-    live.update(directory / "snapshot_0000.nrrd", segments)
+    live = showFirstSnapshot(run)
     shownScalars = live.node.GetBinaryLabelmapInternalRepresentation("label_1").GetPointData().GetScalars()
     read = []
     realVtkToNumpy = segmentation.vtk_to_numpy
@@ -193,9 +192,7 @@ def test_the_edit_check_reads_no_voxel_of_the_shown_result(run, monkeypatch):
 
 def test_deleted_node_is_replaced(run):
     scene, volumeNode, inputPath, segments, directory = run
-    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
-    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
-    live.update(directory / "snapshot_0000.nrrd", segments)
+    live = showFirstSnapshot(run)
     scene.RemoveNode(live.node)
     live.update(directory / "snapshot_0000.nrrd", segments)
     assert live.node.GetScene() is scene
@@ -208,9 +205,7 @@ def test_result_goes_under_the_study_of_the_input(run):
     patient = shNode.CreateSubjectItem(shNode.GetSceneItemID(), "Patient 1")
     study = shNode.CreateStudyItem(patient, "CT abdomen")
     shNode.CreateItem(study, volumeNode)
-    live = LiveSegmentation(scene, volumeNode, "Abdomen CT ISL")
-    writeSnapshot(inputPath, blobLabels(), directory / "snapshot_0000.nrrd")
-    live.update(directory / "snapshot_0000.nrrd", segments)
+    live = showFirstSnapshot(run)
     assert shNode.GetItemParent(shNode.GetItemByDataNode(live.node)) == study
 
 
