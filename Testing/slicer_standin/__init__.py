@@ -39,13 +39,11 @@ class _ModuleManager:
 class CoreIOManager:
     """slicer.app.coreIOManager(), which slicer.util.loadVolume calls: reads a "VolumeFile" as Slicer 5.8.1's
     qSlicerVolumesReader::load does (vtkSlicerVolumesLogic.AddArchetypeVolume with the node name, default the
-    file's base name, and the option bits of labelmap, center, singleFile, autoWindowLevel, discardOrientation)."""
+    file's base name, and the option bits of labelmap, center, singleFile, autoWindowLevel, discardOrientation).
+    No fileType: loadVolume names the type itself, and a caller that leaves it to Slicer should fail here."""
 
     OPTION_BITS = (("labelmap", 0x1), ("center", 0x2), ("singleFile", 0x4), ("autoWindowLevel", 0x8),
                    ("discardOrientation", 0x10))
-
-    def fileType(self, fileName):
-        return "VolumeFile" if str(fileName).endswith((".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")) else "NoFile"
 
     def loadNodes(self, fileType, properties, loadedNodes, userMessages=None):
         import slicer
