@@ -171,3 +171,14 @@ def test_an_uncertainty_map_the_user_deleted_is_not_shown(fakeLogic, volumeNode,
     assert fakeLogic.uncertaintyNode is None
     fakeLogic.showUncertainty(True)
     assert sliceView.GetForegroundVolumeID() is None
+
+
+def test_stopping_at_once_loads_no_uncertainty_map(fakeLogic, volumeNode, scene):
+    """stopNow runs as the scene closes or Slicer exits: a map the worker wrote but the panel had not yet
+    shown stays in the run folder instead of being read into the scene that is going away."""
+    fakeLogic.start(volumeNode, "fake", RunSettings(steps=2, device=Device.CPU))
+    fakeLogic._worker._process.wait(timeout=120)  # the worker has written everything; nothing polled it yet
+    assert (fakeLogic.runDirectory / "output" / "uncertainty.nrrd").exists()
+    fakeLogic.stopNow()
+    assert fakeLogic.uncertaintyNode is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1  # the CT only

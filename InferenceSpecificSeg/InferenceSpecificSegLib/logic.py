@@ -225,6 +225,7 @@ class RefinementLogic:
             logging.warning("InferenceSpecificSeg worker did not stop within %g s; killing it", self.cancelTimeoutSeconds)
             self._worker.kill()
         if workerFinished:
+            self._loadUncertainty(self._worker.outputDirectory)  # here, not in _settle: stopNow loads nothing
             self._settle()
         return self.status
 
@@ -280,7 +281,6 @@ class RefinementLogic:
         self._worker = None
         kind, returnCode = event.get("event"), worker.returnCode
         node = self.status.segmentationNode
-        self._loadUncertainty(worker.outputDirectory)
         if kind == "done" and self._finalResultLoaded and resultIsComplete(worker.outputDirectory):
             self.status.state = RunState.DONE
             self.status.message = _("Done: {count} segments in '{node}'.").format(count=len(self.segments), node=node.GetName())
