@@ -486,13 +486,13 @@ class InferenceSpecificSegTest(ScriptedLoadableModuleTest):
         logic = InferenceSpecificSegLogic()
         task = logic.run.startWorkerTask(["phantom", "--output", "."])
         self.waitFor(lambda: not task.poll(), minutes=5)
-        self.assertIsNotNone(task.lastEvent("done"), task.failureText())
-        volumeNode = logic.loadDemoPhantom(task.lastEvent("done"))
-        logic.run.start(volumeNode, models.DEMO_MODEL, RunSettings(steps=20, device=Device.CPU))
+        self.assertIsNotNone(done := task.lastEvent("done"), task.failureText())
+        logic.run.start(logic.loadDemoPhantom(done), models.DEMO_MODEL, RunSettings(steps=20, device=Device.CPU))
         self.waitFor(lambda: logic.run.poll().active, minutes=15)
         status = logic.run.status
         self.assertEqual(status.state, RunState.DONE, status.message)
         self.assertGreaterEqual(status.resultsLoaded, 2, "The segmentation should have been updated at least twice")
+        self.assertIs(status.segmentationNode.GetScene(), slicer.mrmlScene)
         segmentation = status.segmentationNode.GetSegmentation()
         names = [segmentation.GetNthSegment(index).GetName() for index in range(segmentation.GetNumberOfSegments())]
         self.assertEqual(names, [segment.name for segment in logic.run.segments] or ["(segments.json was empty)"])

@@ -328,3 +328,19 @@ def test_add_model_package_installs_in_a_worker_process_with_progress(slicerApp,
     runEventLoop(slicerApp, lambda: not widget.installPoller.busy, seconds=60)
     assert len(slicerApp.dialogs.shown) == 1 and "weights file" in slicerApp.dialogs.shown[0][1]
     assert not (widget.logic.modelsDirectory / "Broken").exists()
+
+
+def test_the_modules_own_self_test_passes_with_the_real_engine_through_a_launcher(slicerApp, monkeypatch):
+    """Slicer's "Reload and Test" runs slicer.selfTests[name]: the module's Test class, on the phantom that the real
+    engine writes, refined by the real engine, started through a PythonSlicer that (like CTK's AppLauncher) runs
+    the interpreter as its child."""
+    from slicer_test_support import LAUNCHER
+
+    binDirectory = slicerApp.tmp / "bin"
+    binDirectory.mkdir()
+    launcher = binDirectory / "PythonSlicer"
+    launcher.write_text(f"#!{sys.executable}\n{LAUNCHER}", encoding="utf-8")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{binDirectory}{os.pathsep}{os.environ['PATH']}")
+    loadModule(slicerApp)
+    slicer.selfTests["InferenceSpecificSeg"]()  # raises on any failed assertion of the self-test
