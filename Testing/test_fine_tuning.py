@@ -42,6 +42,13 @@ def test_the_same_seed_gives_the_same_patches_and_another_seed_others():
     assert images_a.shape == (2, 1, *PATCH) and labels_a.dtype == torch.int64
 
 
+def test_patches_are_plain_tensors_not_monai_meta_tensors():
+    # MONAI's intensity transforms return MetaTensors; fed to the network, every layer's operation goes
+    # through MetaTensor.__torch_function__ and fine-tuning ran about 20 % slower (BENCHMARKS.md, issue 13).
+    images, labels = sampler(5).sample()
+    assert type(images) is torch.Tensor and type(labels) is torch.Tensor
+
+
 def test_foreground_centres_lie_in_the_classes_and_small_organs_are_seen_as_often():
     patches = sampler(0, PatchSettings(foreground_fraction=1.0))
     labels = patches.labels

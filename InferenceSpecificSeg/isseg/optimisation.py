@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Compose, RandGaussianNoise, RandScaleIntensity, RandShiftIntensity
 from monai.transforms.utils import map_classes_to_indices
+from monai.utils import convert_to_tensor
 
 # Indices kept per class and case (MONAI subsamples larger classes evenly): bounds the sampler's
 # memory (8 bytes each) whatever the organ's size, at no visible cost to the spread of the centres.
@@ -93,7 +94,9 @@ class PatchSampler:
             case = int(self.rng.integers(len(self.images)))
             starts = [_crop_start(c, p, s) for c, p, s in zip(self.centre(case), self.patch_zyx, self.shape)]
             window = (case, slice(None)) + tuple(slice(a, a + p) for a, p in zip(starts, self.patch_zyx))
-            image_patches.append(torch.as_tensor(self.augment(self.images[window])).float())
+            # Plain tensors: a MetaTensor (what MONAI's transforms return) slows every network operation.
+            image_patches.append(convert_to_tensor(self.augment(self.images[window]), dtype=torch.float32,
+                                                   track_meta=False))
             label_patches.append(self.labels[window].long())
         return torch.stack(image_patches), torch.stack(label_patches)
 
