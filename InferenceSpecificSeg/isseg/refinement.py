@@ -50,13 +50,17 @@ class RefineSettings:
         return settings
 
 
-def mask_change(previous: torch.Tensor, current: torch.Tensor) -> float:
-    """Fraction of the voxels labelled (foreground) in either mask whose label differs between the masks
-    (argmax over C) of two probability volumes (1, C, z, y, x); 0 when neither labels any voxel."""
-    before, after = previous[0].argmax(0), current[0].argmax(0)
+def label_change(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Fraction of the voxels labelled (foreground) in either labelmap (z, y, x) whose label differs
+    between them; 0 when neither labels any voxel."""
     labelled = (before > 0) | (after > 0)
     count = int(labelled.sum())
     return float((before != after)[labelled].sum()) / count if count else 0.0
+
+
+def mask_change(previous: torch.Tensor, current: torch.Tensor) -> float:
+    """label_change between the masks (argmax over C) of two probability volumes (1, C, z, y, x)."""
+    return label_change(previous[0].argmax(0), current[0].argmax(0))
 
 
 class MovingAverage:
@@ -71,10 +75,12 @@ class MovingAverage:
         self.changes: list[float] = []
 
     def update(self, prediction: torch.Tensor) -> None:
-        previous = self.value
-        self.value = self.momentum * self.value + (1 - self.momentum) * prediction
+        # In place, keeping only the previous labels: at clinical sizes one probability volume is a GiB
+        # or more (e.g. 21 classes x 256 x 256 x 192 float32), and temporaries would double the peak.
+        previous_labels = self.value[0].argmax(0)
+        self.value.mul_(self.momentum).add_(prediction, alpha=1 - self.momentum)
         self.updates += 1
-        self.changes.append(mask_change(previous, self.value))
+        self.changes.append(label_change(previous_labels, self.value[0].argmax(0)))
 
     def converged(self, threshold: float) -> bool:
         """The last update changed the labels of less than `threshold` of the mask (never for 0)."""
