@@ -132,14 +132,25 @@ def initial_placement(atlas_images: list[np.ndarray], atlas_labels: list[np.ndar
     return torch.as_tensor(np.stack(images))[:, None].float(), torch.as_tensor(np.stack(labels))[:, None]
 
 
-def folding_fraction(ddf: torch.Tensor) -> torch.Tensor:
+# z slices per slab of folding_fraction: the Jacobian (9 values per voxel, with temporaries) of a
+# clinical-size field at once would take several GiB; slabs of 16 slices keep it to a few hundred MiB.
+FOLDING_SLAB = 16
+
+
+def folding_fraction(ddf: torch.Tensor, slab: int = FOLDING_SLAB) -> torch.Tensor:
     """Fraction of voxels with non-positive Jacobian determinant of x -> x + ddf(x), per case.
 
-    ddf: (N, 3, z, y, x) in voxels, channel i along spatial axis i. Returns (N,)."""
-    gradients = torch.stack(torch.gradient(ddf, dim=(2, 3, 4)), dim=2)  # (N, 3, 3, z, y, x)
-    jacobian = gradients + torch.eye(3, device=ddf.device)[None, :, :, None, None, None]
-    determinant = torch.linalg.det(jacobian.permute(0, 3, 4, 5, 1, 2))
-    return (determinant <= 0).float().flatten(1).mean(dim=1)
+    ddf: (N, 3, z, y, x) in voxels, channel i along spatial axis i. Returns (N,). Computed `slab` z
+    slices at a time, each with one neighbouring slice either side, so the central differences (one-sided
+    at the volume's faces) are those of the whole field."""
+    depth, folded = ddf.shape[2], ddf.new_zeros(ddf.shape[0])
+    for first in range(0, depth, slab):
+        low, high = max(first - 1, 0), min(first + slab + 1, depth)
+        gradients = torch.stack(torch.gradient(ddf[:, :, low:high], dim=(2, 3, 4)), dim=2)  # (N, 3, 3, slab + 2, y, x)
+        kept = gradients[:, :, :, first - low:first - low + min(slab, depth - first)]
+        jacobian = kept + torch.eye(3, device=ddf.device)[None, :, :, None, None, None]
+        folded += (torch.linalg.det(jacobian.permute(0, 3, 4, 5, 1, 2)) <= 0).flatten(1).sum(dim=1)
+    return folded / ddf[0, 0].numel()
 
 
 def identity_grid(n: int, shape, device: torch.device) -> torch.Tensor:
