@@ -2,6 +2,7 @@
 
     python benchmarks/benchmark_scaling.py [--device cpu|cuda] [--grid cpu|full] [--output DIR]
     python benchmarks/benchmark_scaling.py --only 192x256x256,16,20 --align-iterations 2 --steps 2
+    python benchmarks/benchmark_scaling.py --whole 192x256x256,16,20 --align-iterations 2 --steps 4
 
 Stages, each on generated data (no external data is read): `align` (one first alignment round of
 `--align-iterations` per pyramid level, the engine's align_atlas), `fine-tune` (the patch sampler with
@@ -12,6 +13,11 @@ labels. Each point runs in its own process, so a stage's peak resident memory (s
 on CUDA also the peak of allocated GPU memory) is not hidden by an earlier point. Prints the table and,
 per factor, the fitted growth exponent k of time ~ factor^k and memory increase ~ factor^k (log-log
 least squares over that factor's points); writes scaling.csv and scaling.png into --output.
+
+`--whole` instead runs one complete `isseg refine` (the real worker, in its own process) on such a
+generated case with a package of that many labels (the demo UNet, untrained, at the case's spacing,
+so the model grid is the case grid) and that many atlas cases, and prints the worker's peak resident
+memory (the kernel's maximum RSS of the child) and its stage seconds from report.json.
 """
 
 from __future__ import annotations
@@ -238,6 +244,79 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"plot: {path}")
 
 
+SPACING_MM = 1.5  # of the generated whole-refine case and its package: the model grid is the case grid
+HU_WINDOW = (-200.0, 300.0)
+
+
+def _as_ct(normalized: np.ndarray):
+    """A SimpleITK image in HU of a normalized (z, y, x) image (0: air, -1000 HU; inside the body the
+    window HU_WINDOW), SPACING_MM spacing."""
+    import SimpleITK as sitk
+
+    hounsfield = np.where(normalized == 0, -1000.0, HU_WINDOW[0] + normalized * (HU_WINDOW[1] - HU_WINDOW[0]))
+    image = sitk.GetImageFromArray(hounsfield.astype(np.int16))
+    image.SetSpacing((SPACING_MM,) * 3)
+    return image
+
+
+def _labelmap(labels: np.ndarray):
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    image.SetSpacing((SPACING_MM,) * 3)
+    return image
+
+
+def write_whole_case(shape, atlas: int, labels: int, folder: Path) -> tuple[Path, Path]:
+    """The case (case.nrrd) and a package (package/) with `labels` organs and `atlas` atlas cases."""
+    import SimpleITK as sitk
+    from isseg import model_package
+    from isseg.demo_model import SHIPPED
+    from isseg.networks.monai_net import build_monai_network
+
+    rng = np.random.default_rng(0)
+    case_path = folder / "case.nrrd"
+    sitk.WriteImage(_as_ct(synthetic_image(synthetic_labels(shape, labels, rng), rng)), str(case_path))
+    config = json.loads((SHIPPED / "model.json").read_text(encoding="utf-8"))
+    config["network"]["args"]["out_channels"] = labels + 1
+    config["input"].update(spacing=[SPACING_MM] * 3, intensity={"a_min": HU_WINDOW[0], "a_max": HU_WINDOW[1]})
+    config["labels"] = [{"value": value, "name": f"organ {value}", "color": [0.5, 0.5, 0.5]}
+                        for value in range(1, labels + 1)]
+    config.pop("demo_atlas", None)
+    network = build_monai_network(config["network"])
+    cases = []
+    for index in range(atlas):
+        case_labels = synthetic_labels(shape, labels, np.random.default_rng([0, index]))
+        cases.append((f"case_{index:02d}", _as_ct(synthetic_image(case_labels, rng)), _labelmap(case_labels)))
+    return case_path, model_package.save(folder / "package", config, network, cases)
+
+
+def run_whole(point: tuple, args) -> None:
+    """One complete `isseg refine` of a generated case in a child process; prints its peak RSS and seconds."""
+    import resource
+    import tempfile
+
+    shape, atlas, labels = point
+    with tempfile.TemporaryDirectory() as work:
+        case_path, package = write_whole_case(shape, atlas, labels, Path(work))
+        steps = max(args.steps, 2)
+        command = [sys.executable, "-m", "isseg.cli", "refine", "--input", str(case_path), "--model", str(package),
+                   "--output", str(Path(work) / "out"), "--device", args.device, "--steps", str(steps),
+                   "--rounds", "1", "--update-every", str(steps // 2), "--align-iterations", str(args.align_iterations),
+                   "--progress", "json"]
+        started = time.monotonic()
+        child = subprocess.run(command, capture_output=True, text=True)
+        wall = time.monotonic() - started
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        if child.returncode != 0:
+            print(child.stderr[-3000:])
+            raise SystemExit(f"isseg refine exited {child.returncode}")
+        seconds = json.loads((Path(work) / "out" / "report.json").read_text(encoding="utf-8"))["seconds"]
+    print(f"whole refine of {'x'.join(map(str, shape))} voxels, {atlas} atlas cases, {labels} labels "
+          f"({steps} steps, {args.align_iterations} alignment iterations per level): worker peak RSS "
+          f"{peak_kib / 2**20:.2f} GiB, wall {wall:.0f} s, stages {json.dumps(seconds)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -247,8 +326,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="fine-tuning steps")
     parser.add_argument("--point-timeout", type=float, default=900, help="seconds before a point is skipped")
     parser.add_argument("--output", type=Path, default=Path("/tmp/isseg-scaling"))
+    parser.add_argument("--whole", help="one complete isseg refine at SIZE,ATLAS,LABELS instead of the stages")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.whole:
+        run_whole(parse_point(args.whole), args)
+        return
     if args.child:
         print(json.dumps(run_point(*parse_point(args.child), args)))
         return
