@@ -12,7 +12,7 @@ import torch
 from isseg import body
 from isseg.alignment import AlignmentSettings
 from isseg.optimisation import PatchSampler, PatchSettings
-from isseg.refinement import MovingAverage, RefineObserver, RefineSettings, mask_change, refine
+from isseg.refinement import MovingAverage, RefineObserver, RefineSettings, label_change, refine
 
 PATCH = (8, 8, 8)
 
@@ -131,15 +131,19 @@ def one_hot(labels: torch.Tensor, classes: int = 3) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, classes).movedim(-1, 0)[None].float()
 
 
+def mask(probabilities: torch.Tensor) -> torch.Tensor:
+    return probabilities[0].argmax(0)
+
+
 def test_mask_change_counts_relabelled_voxels_of_the_mask():
     before = torch.zeros(4, 5, 5, dtype=torch.long)
     before[0] = 1  # 25 labelled voxels
     after = before.clone()
     after[0, 0, :5] = 2  # 5 relabelled
     after[1, 0, 0] = 1  # 1 added: 26 in the union, 6 changed
-    assert mask_change(one_hot(before), one_hot(after)) == pytest.approx(6 / 26)
-    assert mask_change(one_hot(before), one_hot(before)) == 0.0
-    assert mask_change(one_hot(torch.zeros_like(before)), one_hot(torch.zeros_like(before))) == 0.0
+    assert label_change(mask(one_hot(before)), mask(one_hot(after))) == pytest.approx(6 / 26)
+    assert label_change(mask(one_hot(before)), mask(one_hot(before))) == 0.0
+    assert label_change(mask(one_hot(torch.zeros_like(before))), mask(one_hot(torch.zeros_like(before)))) == 0.0
 
 
 def test_moving_average_converges_when_an_update_changes_little():

@@ -83,7 +83,7 @@ DEFAULT_MOMENTUM = 0.8
 DEFAULT_ALIGN_MODE = "mask"
 DEFAULT_LOSS = "dicece"
 # Early stopping: the run ends at the first moving-average update that changes the labels of less than
-# this fraction of the mask's voxels (0: never; refinement.mask_change).
+# this fraction of the mask's voxels (0: never; refinement.label_change).
 OPTION_STOP_WHEN_CONVERGED = "--stop-when-converged"
 DEFAULT_STOP_WHEN_CONVERGED = 0.0
 

@@ -58,14 +58,9 @@ def label_change(before: torch.Tensor, after: torch.Tensor) -> float:
     return float((before != after)[labelled].sum()) / count if count else 0.0
 
 
-def mask_change(previous: torch.Tensor, current: torch.Tensor) -> float:
-    """label_change between the masks (argmax over C) of two probability volumes (1, C, z, y, x)."""
-    return label_change(previous[0].argmax(0), current[0].argmax(0))
-
-
 class MovingAverage:
     """P = m P + (1 - m) P_t over predictions (1, C, z, y, x); with `enabled` False it keeps
-    only the latest prediction (the ablation "last iterate"). `changes` holds the mask_change of
+    only the latest prediction (the ablation "last iterate"). `changes` holds the label_change of
     every update."""
 
     def __init__(self, initial: torch.Tensor, momentum: float, enabled: bool = True):
@@ -112,7 +107,7 @@ class RefineObserver:
 
     def updated(self, step: int, probabilities: torch.Tensor, updates: int, change: float) -> None:
         """The moving average (1, C, z, y, x) was updated after `step`; `updates` so far; `change`: the
-        fraction of the mask whose label this update changed (mask_change)."""
+        fraction of the mask whose label this update changed (label_change of the masks, argmax over C)."""
 
     def converged(self, step: int) -> None:
         """The refinement stops after `step`, before its planned steps: the average has converged."""
