@@ -153,3 +153,27 @@ def test_change_table_marks_the_organ_that_changed_most():
     assert rows[1]["dice"] == pytest.approx(2 * 32 / (64 + 32), abs=1e-3) and rows[1]["review"] == [changes.CHANGED]
     assert rows[1]["volume_initial_ml"] == pytest.approx(64 * 2 / 1000, abs=0.01)
     assert "b" in changes.format_table(rows)
+
+
+class _InputRecorder(torch.nn.Module):
+    """A one-layer network with two classes that records the type of every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Conv3d(1, 2, 1)
+        self.seen: list[type] = []
+
+    def forward(self, image):
+        self.seen.append(type(image))
+        return self.layer(image)
+
+
+def test_case_training_feeds_the_network_plain_tensors():
+    # MONAI's RandWeightedCrop returns MetaTensors; through the network each of them costs
+    # MetaTensor.__torch_function__ on every operation (as found for the atlas patches, issue 13).
+    labels = np.zeros((10, 10, 10), dtype=np.int64)
+    labels[3:7, 3:7, 3:7] = 1
+    training = edits.CaseTraining(torch.rand(1, 1, 10, 10, 10), labels, labels > 0, (4, 4, 4), seed=0)
+    network = _InputRecorder()
+    training.step(network, torch.optim.SGD(network.parameters(), lr=0.1), torch.device("cpu"))
+    assert network.seen == [torch.Tensor]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
 from monai.transforms import RandWeightedCrop, SpatialPad
+from monai.utils import convert_to_tensor
 
 from .errors import BadInputError
 from .io import labelmap_like, resample_to
@@ -158,7 +159,9 @@ class CaseTraining:
 
     def step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         """One optimiser step on fresh patches."""
-        patches = torch.stack([torch.as_tensor(p) for p in self.cropper(self.volume, weight_map=self.volume[2:3])])
+        # Plain tensors: a MetaTensor (what MONAI's crops return) slows every network operation.
+        patches = torch.stack([convert_to_tensor(p, track_meta=False)
+                               for p in self.cropper(self.volume, weight_map=self.volume[2:3])])
         image, labels, mask = patches[:, :1].to(device), patches[:, 1:2].round().long().to(device), patches[:, 2:3].to(device)
         network.train()
         optimizer.zero_grad(set_to_none=True)
