@@ -3,18 +3,15 @@ appearance, labels are never touched, intensities stay in plausible CT ranges.""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 
 from isseg import cli, model_package, phantom
-from isseg.appearance import (PHASE_ENHANCEMENT_HU, AppearanceRandomizer, AppearanceSettings, phase_offsets_hu,
-                              random_tissue_values)
-from isseg.events import EventWriter
+from isseg.appearance import (PHASE_ENHANCEMENT_HU, AppearanceRandomizer, AppearanceSettings, RandThickSlices,
+                              phase_offsets_hu, random_tissue_values)
 from isseg.preprocess import image_tensor
-from isseg.model_training import TrainSettings, train_package
+from isseg.protocol import EXIT_DONE
 
 WINDOW = (-200.0, 300.0)
 NAMES = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right", 5: "aorta", 6: "gallbladder"}
@@ -50,18 +47,40 @@ def test_labels_and_input_images_are_left_as_they_were(patches):
     assert torch.equal(images, images_before)
 
 
-def test_intensities_stay_in_the_window_and_organs_move_by_plausible_amounts(patches):
+def test_intensities_stay_in_the_window_and_organs_move_by_at_most_the_documented_hu(patches):
     images, labels = patches
     settings = AppearanceSettings()
     randomizer = AppearanceRandomizer(NAMES, WINDOW, settings)
-    largest_enhancement = max(max(table.values(), default=0.0) for table in PHASE_ENHANCEMENT_HU.values())
+    largest_phase_offset = max(abs(offset) for phase in PHASE_ENHANCEMENT_HU
+                               for offset in phase_offsets_hu(NAMES, phase).values())
     hu = WINDOW[1] - WINDOW[0]
     for seed in range(4):
-        result = randomizer(images, labels, np.random.default_rng(seed))
-        assert 0.0 <= float(result.min()) and float(result.max()) <= 1.0
-        offsets = randomizer.label_offsets(labels[0], np.random.default_rng(seed)) * hu
-        assert float(offsets[labels[0] == 0].abs().max()) == 0.0  # background keeps its intensity
-        assert float(offsets.abs().max()) <= largest_enhancement + 5 * settings.label_hu_std
+        result_hu = WINDOW[0] + hu * randomizer(images, labels, np.random.default_rng(seed))
+        assert WINDOW[0] <= float(result_hu.min()) and float(result_hu.max()) <= WINDOW[1]
+        offsets_hu = randomizer.label_offsets(labels[0], np.random.default_rng(seed)) * hu
+        assert float(offsets_hu[labels[0] == 0].abs().max()) == 0.0  # background keeps its intensity
+        assert float(offsets_hu.abs().max()) <= largest_phase_offset + 3 * settings.label_hu_std + 1e-3
+        assert float(offsets_hu.abs().max()) > 0.0
+
+
+def test_thick_slices_average_along_z_only_and_follow_the_seed():
+    z, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    along_x = (x >= 8).float()[:, None, :].expand(16, 8, 16)[None]  # an edge across x: constant along z
+    along_z = (z >= 8).float()[:, None, :].expand(16, 8, 16)[None]  # an edge across z
+    thick = RandThickSlices(prob=1.0, thickness_voxels=(2.5, 2.5))
+    assert torch.allclose(thick(along_x), along_x)
+    blurred = thick(along_z)
+    assert blurred.shape == along_z.shape
+    assert 0.05 < float(blurred[0, 7].mean()) < 0.95 and float(blurred[0, 0].mean()) == 0.0
+    assert torch.equal(blurred[..., 0], blurred[..., -1])  # no change across x
+    assert torch.equal(RandThickSlices(prob=0.0, thickness_voxels=(2.5, 2.5))(along_z), along_z)
+
+    def draws(seed):
+        random_thick = RandThickSlices(prob=0.5, thickness_voxels=(1.0, 2.5)).set_random_state(seed=seed)
+        return [random_thick(along_z) for _ in range(6)]
+    first, again, other = draws(3), draws(3), draws(4)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
 def test_contrast_phases_move_each_organ_the_way_iodine_does():
@@ -82,14 +101,25 @@ def test_random_tissue_values_keep_air_and_follow_the_seed():
     assert 20.0 < float(np.std(spread)) < 40.0
 
 
-def test_train_with_randomize_appearance_records_it_and_builds_a_package(tmp_path):
+def test_isseg_train_with_randomize_appearance_randomises_every_step_and_records_it(tmp_path, monkeypatch):
     specs = [phantom.training_spec(seed, size=(48, 48, 32), spacing=(8.0, 8.0, 8.0)) for seed in range(3)]
     dataset = phantom.write_msd_dataset(tmp_path / "dataset", specs)
-    args = cli.build_parser().parse_args(["train", "--dataset", str(dataset), "--output", str(tmp_path / "p"),
-                                          "--randomize-appearance"])
-    assert args.randomize_appearance
-    settings = TrainSettings(spacing=(8.0, 8.0, 8.0), patch_size=(32, 32, 16), channels=(4, 8, 16), steps=3,
-                             evaluate_every=3, randomize_appearance=True)
-    output = train_package(dataset, tmp_path / "package", settings, EventWriter(io.StringIO(), mode="json"), "cpu")
-    config = model_package.load(output).config
+    calls = []
+    randomize = AppearanceRandomizer.__call__
+
+    def counted(self, images, labels, rng):
+        labels_before = labels.clone()
+        result = randomize(self, images, labels, rng)
+        calls.append(torch.equal(labels, labels_before) and not torch.equal(result, images))
+        return result
+
+    monkeypatch.setattr(AppearanceRandomizer, "__call__", counted)
+    exit_code = cli.main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "package"),
+                          "--randomize-appearance", "--spacing", "8", "8", "8", "--patch", "32", "32", "16",
+                          "--channels", "4", "8", "16", "--steps", "2", "--evaluate-every", "2",
+                          "--validation-fraction", "0", "--device", "cpu", "--progress", "json"])
+    assert exit_code == EXIT_DONE
+    assert calls == [True, True]  # one randomised batch per step, its labels untouched
+    config = model_package.load(tmp_path / "package").config
     assert config["training"]["settings"]["randomize_appearance"] is True
+    assert config["training"]["curves"]["step"] == [2]

@@ -7,13 +7,19 @@ bodies with synthetic intensities meets a real scanner's image as one more varia
 1. contrast phase: each labelled organ is shifted by the enhancement of a random phase (native,
    late arterial, portal venous, delayed) relative to the mean over phases, so a training set of
    any one phase shows every phase;
-2. per-label random intensity: one more random HU offset per organ;
-3. MONAI intensity transforms: bias field, Gibbs ringing, blur, lower resolution, gamma, noise;
+2. per-label random intensity: one more random HU offset per organ, N(0, label_hu_std) truncated at
+   3 standard deviations;
+3. scanner: MONAI's bias field, Gibbs ringing, blur and lower resolution (RandSimulateLowResolution,
+   all axes), thick slices (RandThickSlices: averaged over 1 to 2.5 voxels along z and interpolated
+   back, as a CT reconstructed with thick slices and resampled to the model grid looks), gamma, noise;
 4. clip to the intensity window, as the network's input normalisation does.
 
-Patches are normalized images (B, 1, z, y, x) in [0, 1] (the window `a_min..a_max` HU mapped to
-0..1); labels (B, 1, z, y, x) class indices are only read. One seed drawn from the caller's
-generator fixes every random choice of a call.
+Inputs: patches, normalized images (B, 1, z, y, x) float in [0, 1] (the model's window `a_min..a_max`
+HU mapped to 0..1, as isseg.preprocess.image_tensor makes them); labels (B, 1, z, y, x) int class
+indices, only read. Output: patches of the same shape and dtype, in [0, 1], i.e. every voxel within
+`a_min..a_max` HU; before the scanner steps an organ moves by at most the largest phase offset plus
+3 label_hu_std HU. Labels are never changed: the anatomy stays, only the appearance is drawn. One seed
+drawn from the caller's generator fixes every random choice of a call.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import numpy as np
 import torch
 from monai.utils import convert_to_tensor
 from monai.transforms import (Compose, RandAdjustContrast, RandBiasField, RandGaussianNoise, RandGaussianSmooth,
-                              RandGibbsNoise, RandSimulateLowResolution)
+                              RandGibbsNoise, RandomizableTransform, RandSimulateLowResolution)
 
 #: Contrast enhancement in HU above the native value per organ and phase, at 120 kVp with a standard
 #: iodine dose; magnitudes after Bae KT, "Intravenous contrast medium administration and scan timing
@@ -68,6 +74,33 @@ def random_tissue_values(values_hu: dict[int, float], rng: np.random.Generator, 
             for tissue, value in values_hu.items()}
 
 
+class RandThickSlices(RandomizableTransform):
+    """With probability `prob`, an image (C, z, y, x) as a scanner with thicker slices shows it: each
+    slice averaged over a thickness drawn uniformly in `thickness_voxels` (voxels along z; 'area'
+    resampling) and interpolated linearly back to the original grid. y and x are left as they are;
+    MONAI's RandSimulateLowResolution lowers every axis at once."""
+
+    def __init__(self, prob: float, thickness_voxels: tuple[float, float]):
+        RandomizableTransform.__init__(self, prob)
+        self.thickness_voxels = thickness_voxels
+        self.thickness = 1.0
+
+    def randomize(self, data=None) -> None:
+        super().randomize(None)
+        self.thickness = float(self.R.uniform(*self.thickness_voxels))
+
+    def __call__(self, img: torch.Tensor, randomize: bool = True) -> torch.Tensor:
+        if randomize:
+            self.randomize()
+        if not self._do_transform:
+            return img
+        image = convert_to_tensor(img, dtype=torch.float32, track_meta=False)[None]
+        depth = image.shape[2]
+        slices = max(1, int(round(depth / self.thickness)))
+        thick = torch.nn.functional.interpolate(image, size=(slices, *image.shape[3:]), mode="area")
+        return torch.nn.functional.interpolate(thick, size=image.shape[2:], mode="trilinear", align_corners=False)[0]
+
+
 @dataclass(frozen=True)
 class AppearanceSettings:
     """How widely appearance varies (recorded with the training settings). HU, or probabilities."""
@@ -82,6 +115,8 @@ class AppearanceSettings:
     blur_sigma_voxels: tuple[float, float] = (0.25, 1.0)
     low_resolution_probability: float = 0.25
     low_resolution_zoom: tuple[float, float] = (0.5, 1.0)
+    thick_slice_probability: float = 0.3
+    thick_slice_voxels: tuple[float, float] = (1.0, 2.5)
     gamma_probability: float = 0.3
     gamma: tuple[float, float] = (0.7, 1.5)
     noise_probability: float = 0.6
@@ -105,18 +140,20 @@ class AppearanceRandomizer:
             RandGibbsNoise(prob=settings.gibbs_probability, alpha=settings.gibbs_alpha),
             RandGaussianSmooth(sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=settings.blur_probability),
             RandSimulateLowResolution(prob=settings.low_resolution_probability, zoom_range=settings.low_resolution_zoom),
+            RandThickSlices(prob=settings.thick_slice_probability, thickness_voxels=settings.thick_slice_voxels),
             RandAdjustContrast(prob=settings.gamma_probability, gamma=settings.gamma),
             RandGaussianNoise(prob=settings.noise_probability, std=settings.noise_hu / self.hu_per_unit),
         ])
 
     def label_offsets(self, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Per-voxel offset (normalized units) for one patch's labels (1, z, y, x): a random contrast
-        phase plus an independent random HU shift per label."""
+        phase plus an independent random HU shift per label (truncated normal, at most 3 label_hu_std)."""
         phase = self.settings.phases[int(rng.integers(len(self.settings.phases)))]
         offsets_hu = phase_offsets_hu(self.label_names, phase)
         table = torch.zeros(max(self.label_names, default=0) + 1)
+        std = self.settings.label_hu_std
         for value, offset in offsets_hu.items():
-            table[value] = (offset + rng.normal(0.0, self.settings.label_hu_std)) / self.hu_per_unit
+            table[value] = (offset + np.clip(rng.normal(0.0, std), -3.0 * std, 3.0 * std)) / self.hu_per_unit
         return table.to(labels.device)[labels.long().clamp(0, len(table) - 1)]
 
     def __call__(self, patches: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

@@ -30,8 +30,9 @@ def register(commands) -> None:
     parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction)
     parser.add_argument("--evaluate-every", type=int, default=defaults.evaluate_every)
     parser.add_argument("--randomize-appearance", action="store_true",
-                        help="draw each patch's appearance anew: contrast phase and random intensity per label, bias "
-                             "field, Gibbs ringing, blur, lower resolution, gamma, noise (isseg.appearance)")
+                        help="draw each patch's appearance anew: contrast phase and random intensity per label, "
+                             "bias field, Gibbs ringing, blur, lower resolution, thick slices, gamma, noise "
+                             "(isseg.appearance)")
     parser.add_argument("--device", choices=protocol.DEVICES, default=protocol.DEFAULT_DEVICE)
     parser.add_argument("--seed", type=int, default=0)
     add_progress_option(parser)
