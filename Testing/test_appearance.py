@@ -122,4 +122,5 @@ def test_isseg_train_with_randomize_appearance_randomises_every_step_and_records
     assert calls == [True, True]  # one randomised batch per step, its labels untouched
     config = model_package.load(tmp_path / "package").config
     assert config["training"]["settings"]["randomize_appearance"] is True
-    assert config["training"]["curves"]["step"] == [2]
+    curves = config["training"]["curves"]
+    assert curves["step"] == [2] and len(curves["seconds_per_step"]) == 1 and curves["seconds_per_step"][0] > 0

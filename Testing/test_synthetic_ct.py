@@ -17,6 +17,7 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import synthetic_ct as sct  # noqa: E402
+from icrp_support import fake_icrp_ids  # noqa: E402
 
 SPACING = (2.0, 2.0, 2.5)
 WATER = {1: 11.19, 8: 88.81}
@@ -87,24 +88,8 @@ def test_icrp_tables_are_parsed_with_crlf_and_headers(tmp_path):
     assert hu[sct.ICRP_END_SKIN[0]] > hu[95]  # skin is denser (1.09 g/cm3)
 
 
-def _fake_icrp_ids(mirror_x: bool = False) -> np.ndarray:
-    """A tiny (z, y, x) = (20, 20, 30) body with the organs the loader checks."""
-    ids = np.zeros((20, 20, 30), dtype=np.uint8)
-    ids[:, 2:18, 3:27] = 117  # residual tissue, trunk
-    ids[:, 13:17, 13:17] = 52  # lumbar spine, posterior (high y)
-    ids[8:14, 6:11, 5:12] = sct.ICRP_LIVER_ID  # patient's right (low x)
-    ids[8:14, 6:11, 20:25] = sct.ICRP_SPLEEN_ID
-    ids[8:12, 12:15, 8:11] = 92  # right kidney
-    ids[8:12, 12:15, 20:23] = 89  # left kidney
-    ids[4:16, 9:12, 16:19] = sct.ICRP_VESSELS_TRUNK_ID  # aorta: left of and in front of the spine
-    ids[4:16, 9:11, 11:13] = sct.ICRP_VESSELS_TRUNK_ID  # vena cava: right
-    ids[18:20, 5:15, 10:20] = sct.ICRP_BRAIN_ID
-    ids[0:2, 5:10, 12:18] = 137  # bladder
-    return ids[:, :, ::-1].copy() if mirror_x else ids
-
-
 def test_icrp_loader_checks_axes_and_finds_the_aorta(tmp_path):
-    np.savez(tmp_path / "AM_organ_ids.npz", ids=_fake_icrp_ids())
+    np.savez(tmp_path / "AM_organ_ids.npz", ids=fake_icrp_ids())
     phantom = sct.load_icrp_phantom(tmp_path)
     assert phantom.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     assert phantom.GetSpacing() == pytest.approx(sct.ICRP_SPACING_MM)
@@ -115,7 +100,7 @@ def test_icrp_loader_checks_axes_and_finds_the_aorta(tmp_path):
     assert names[10] == "aorta" and names[3] == "kidney_left"
     assert (sitk.GetArrayFromImage(labels)[ids == 89] == 3).all()
 
-    np.savez(tmp_path / "AM_organ_ids.npz", ids=_fake_icrp_ids(mirror_x=True))
+    np.savez(tmp_path / "AM_organ_ids.npz", ids=fake_icrp_ids(mirror_x=True))
     with pytest.raises(ValueError, match="axes"):
         sct.load_icrp_phantom(tmp_path)
 

@@ -54,6 +54,7 @@ def test_training_lowers_the_loss_and_writes_a_package_that_loads_back(dataset, 
     package = model_package.load(output)
     curves = package.config["training"]["curves"]
     assert curves["step"] == [10, 20, 30]
+    assert len(curves["seconds_per_step"]) == 3 and min(curves["seconds_per_step"]) > 0
     assert curves["train_loss"][-1] < 0.8 * curves["train_loss"][0]
     loaded = package.build_network().state_dict()
     assert loaded.keys() == saved.keys()

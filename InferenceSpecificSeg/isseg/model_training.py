@@ -164,7 +164,8 @@ class _Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     rng: np.random.Generator
     checkpoint_path: Path
-    curves: dict = field(default_factory=lambda: {"step": [], "train_loss": [], "validation_dice": []})
+    curves: dict = field(default_factory=lambda: {"step": [], "train_loss": [], "validation_dice": [],
+                                                  "seconds_per_step": []})
     start_step: int = 0
 
     @classmethod
@@ -214,10 +215,12 @@ def _train(training: _Training, train_cases: list[LabelledCase], validation: lis
                            training.rng, device)
     clock = RunClock(settings.steps - training.start_step)
     events.emit("stage", stage="train")
-    recent_losses = []
+    recent_losses, recent_seconds = [], 0.0
     for step in range(training.start_step + 1, settings.steps + 1):
+        started = time.monotonic()
         loss = train_step(training.network, training.optimizer, loss_function, sampler, device, appearance)
         training.scheduler.step()
+        recent_seconds += time.monotonic() - started
         recent_losses.append(loss)
         clock.advance(1)
         events.emit("progress", stage="train", step=step, total=settings.steps, loss=round(loss, 5), eta_s=clock.seconds_left())
@@ -226,7 +229,9 @@ def _train(training: _Training, train_cases: list[LabelledCase], validation: lis
             training.curves["step"].append(step)
             training.curves["train_loss"].append(float(np.mean(recent_losses)))
             training.curves["validation_dice"].append(validation_dice)
-            recent_losses = []
+            # Training steps only (validation excluded): what a longer run of the same recipe costs per step.
+            training.curves["seconds_per_step"].append(round(recent_seconds / len(recent_losses), 4))
+            recent_losses, recent_seconds = [], 0.0
             events.emit("progress", stage="validate", step=step, total=settings.steps, loss=None, eta_s=clock.seconds_left(),
                         validation_dice=validation_dice)
             training.save_checkpoint(step)

@@ -1,0 +1,64 @@
+"""scripts/train_realct_model.py, the recipe of the real-anatomy model, on a stand-in ICRP body built here
+(Testing/icrp_support.py; the real phantom in ../shared/data is not needed): seeded cases, a package whose
+model card says what it was trained on, for what, how long a step took and how to rebuild it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from icrp_support import write_fake_icrp
+from isseg import model_package
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import train_realct_model as recipe  # noqa: E402
+
+#: Coarse, small cases (no phantom: its 48 x 48 x 32 voxels would make the validation the slowest part) and a
+#: patch that covers a whole case.
+SMALL = ["--spacing", "8", "8", "8", "--patch", "16", "16", "24", "--icrp-cases", "3", "--phantom-cases", "0",
+         "--atlas-cases", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_fake_icrp(folder / "icrp110")
+    return folder
+
+
+def test_the_cases_follow_the_seed_and_hold_the_model_labels(data_dir, tmp_path):
+    def cases(folder, seed):
+        records = recipe.write_dataset(folder, data_dir, (8.0, 8.0, 8.0), icrp_cases=1, phantom_cases=1, seed=seed)
+        assert list(records) == ["icrp_000", "phantom_5000"]
+        return [sitk.GetArrayFromImage(sitk.ReadImage(str(folder / sub / f"{case}.nii.gz")))
+                for case in records for sub in ("imagesTr", "labelsTr")]
+
+    first, again, other = cases(tmp_path / "a", 0), cases(tmp_path / "b", 0), cases(tmp_path / "c", 1)
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not np.array_equal(first[0], other[0]) and not np.array_equal(first[2], other[2])
+    for labels in first[1::2]:
+        assert set(np.unique(labels)) <= {0, *recipe.LABELS} and (labels == 1).any()  # liver present
+
+
+def test_the_defaults_are_the_recipe_whose_accuracy_the_card_reports():
+    assert recipe.recipe_of(recipe.parse_args([])) == recipe.MEASURED_ACCURACY["recipe"]
+
+
+def test_a_short_run_writes_a_package_with_its_model_card(data_dir, tmp_path):
+    output = tmp_path / "package"
+    recipe.main(["--data-dir", str(data_dir), "--output", str(output), "--steps", "2", "--device", "cpu", *SMALL])
+    package = model_package.load(output)
+    assert [label["name"] for label in package.labels] == list(recipe.LABELS.values())
+    assert [case.case_id for case in package.atlas_cases] == ["icrp_atlas_00"]
+    card = package.config["model_card"]
+    assert "not for patients" in card["intended_use"] and "ICRP Publication 110" in card["training_data"]
+    assert card["measured_accuracy"]["this_recipe"] == "not measured"  # a 2-step model is not the measured one
+    assert card["recipe"]["seconds_per_step"] > 0 and card["recipe"]["steps"] == 2
+    assert recipe.parse_args(card["recipe"]["rebuild_command"].split()[3:]).__dict__ | {"data_dir": None} == \
+        recipe.parse_args(["--steps", "2", *SMALL]).__dict__ | {"data_dir": None}
+    assert package.config["license"].startswith("Not for redistribution")
+    assert set(card["cases"]) == {"icrp_000", "icrp_001", "icrp_002"}
