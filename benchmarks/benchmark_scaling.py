@@ -291,8 +291,33 @@ def write_whole_case(shape, atlas: int, labels: int, folder: Path) -> tuple[Path
     return case_path, model_package.save(folder / "package", config, network, cases)
 
 
+def _stage_peaks(child: subprocess.Popen) -> tuple[dict[str, int], list[str]]:
+    """Peak resident bytes of `child` per worker stage (its `stage` events on stdout), sampled every
+    50 ms until it exits; and its stdout lines."""
+    stage, peaks, lines = ["start"], {}, []
+
+    def follow() -> None:
+        for line in child.stdout:
+            lines.append(line)
+            if line.startswith("{") and json.loads(line).get("event") == "stage":
+                stage[0] = json.loads(line)["stage"]
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    while child.poll() is None:
+        try:
+            peaks[stage[0]] = max(peaks.get(stage[0], 0), resident_bytes(child.pid))
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            break
+        time.sleep(0.05)
+    child.wait()
+    reader.join()
+    return peaks, lines
+
+
 def run_whole(point: tuple, args) -> None:
-    """One complete `isseg refine` of a generated case in a child process; prints its peak RSS and seconds."""
+    """One complete `isseg refine` of a generated case in a child process; prints its peak RSS (the
+    kernel's maximum, and sampled per stage) and its seconds per stage."""
     import resource
     import tempfile
 
@@ -305,16 +330,21 @@ def run_whole(point: tuple, args) -> None:
                    "--rounds", "1", "--update-every", str(steps // 2), "--align-iterations", str(args.align_iterations),
                    "--progress", "json"]
         started = time.monotonic()
-        child = subprocess.run(command, capture_output=True, text=True)
+        with open(Path(work) / "stderr.txt", "w+", encoding="utf-8") as errors:  # a file: a full pipe would block
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+            peaks, lines = _stage_peaks(child)
+            errors.seek(0)
+            error_text = errors.read()
         wall = time.monotonic() - started
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         if child.returncode != 0:
-            print(child.stderr[-3000:])
+            print("".join(lines)[-2000:], error_text[-3000:])
             raise SystemExit(f"isseg refine exited {child.returncode}")
         seconds = json.loads((Path(work) / "out" / "report.json").read_text(encoding="utf-8"))["seconds"]
     print(f"whole refine of {'x'.join(map(str, shape))} voxels, {atlas} atlas cases, {labels} labels "
           f"({steps} steps, {args.align_iterations} alignment iterations per level): worker peak RSS "
-          f"{peak_kib / 2**20:.2f} GiB, wall {wall:.0f} s, stages {json.dumps(seconds)}")
+          f"{peak_kib / 2**20:.2f} GiB, wall {wall:.0f} s, stages {json.dumps(seconds)}, sampled peak GiB per stage "
+          f"{json.dumps({stage: round(peak / 2**30, 2) for stage, peak in peaks.items()})}")
 
 
 def main() -> None:

@@ -24,8 +24,9 @@ from isseg.events import EventWriter
 from isseg.networks import predict_probabilities
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm", encoding="utf-8") as stream:
+def resident_bytes(pid: int | str = "self") -> int:
+    """Resident memory (bytes) of this process or of process `pid`."""
+    with open(f"/proc/{pid}/statm", encoding="utf-8") as stream:
         return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

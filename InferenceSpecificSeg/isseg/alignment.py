@@ -87,25 +87,24 @@ class AlignedAtlas:
     transforms: AtlasTransforms
 
 
-def label_dtype(num_classes: int) -> torch.dtype:
-    return torch.uint8 if num_classes <= 256 else torch.int16
+def label_dtype(num_classes: int) -> np.dtype:
+    """The smallest integer type that holds label values 0 .. num_classes - 1."""
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int16)
 
 
-def place_on_grid(array: np.ndarray, shape: tuple[int, ...], shift: np.ndarray, fill: float) -> np.ndarray:
-    """Copy `array` into a new array of `shape` so that voxel i lands on voxel i + shift (integers,
-    z y x); voxels not covered get `fill`."""
-    result = np.full(shape, fill, dtype=array.dtype)
+def place_on_grid(array: np.ndarray, out: np.ndarray, shift: np.ndarray) -> None:
+    """Copy `array` into `out` (already filled with the background) so that voxel i lands on voxel
+    i + shift (integers, z y x); voxels not covered keep their value."""
     source, target = [], []
-    for size_in, size_out, offset in zip(array.shape, shape, shift):
+    for size_in, size_out, offset in zip(array.shape, out.shape, shift):
         start_out = max(0, offset)
         start_in = max(0, -offset)
         length = min(size_in - start_in, size_out - start_out)
         if length <= 0:
-            return result
+            return
         source.append(slice(start_in, start_in + length))
         target.append(slice(start_out, start_out + length))
-    result[tuple(target)] = array[tuple(source)]
-    return result
+    out[tuple(target)] = array[tuple(source)]
 
 
 def foreground_centroid(mask: np.ndarray) -> np.ndarray:
@@ -124,12 +123,18 @@ def initial_placement(atlas_images: list[np.ndarray], atlas_labels: list[np.ndar
                       shifts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Put atlas cases (each (z, y, x), any size, already at the model spacing) on the target grid,
     shifted by `shifts` (default: organ centroids matched). Returns images (N, 1, z, y, x) float32 and
-    labels (N, 1, z, y, x) in the labels' own integer type."""
+    labels (N, 1, z, y, x) in the smallest integer type for their values (label_dtype), each written
+    straight into its result: at clinical sizes a second copy of the atlas is gigabytes."""
     if shifts is None:
         shifts = placement_shifts(atlas_labels, target_mask)
-    images = [place_on_grid(image, target_mask.shape, shift, 0.0) for image, shift in zip(atlas_images, shifts)]
-    labels = [place_on_grid(label, target_mask.shape, shift, 0) for label, shift in zip(atlas_labels, shifts)]
-    return torch.as_tensor(np.stack(images))[:, None].float(), torch.as_tensor(np.stack(labels))[:, None]
+    count = len(atlas_images)
+    images = torch.zeros(count, 1, *target_mask.shape, dtype=torch.float32)
+    num_classes = max(int(label.max(initial=0)) for label in atlas_labels) + 1
+    labels = torch.from_numpy(np.zeros((count, 1, *target_mask.shape), dtype=label_dtype(num_classes)))
+    for case, (image, label, shift) in enumerate(zip(atlas_images, atlas_labels, shifts)):
+        place_on_grid(image, images[case, 0].numpy(), shift)
+        place_on_grid(label, labels[case, 0].numpy(), shift)
+    return images, labels
 
 
 # z slices per slab of folding_fraction: the Jacobian (9 values per voxel, with temporaries) of a
@@ -317,14 +322,13 @@ def align_atlas(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], 
     settings = _without_a_mask_to_follow(settings) if not present else settings
     shifts = start.shifts if start is not None else placement_shifts(atlas_labels, target_labels.numpy() > 0)
     images, labels = initial_placement(atlas_images, atlas_labels, target_labels.numpy() > 0, shifts)
-    labels = labels.to(label_dtype(num_classes))
     target_image, target_probabilities = target_image.to(device), target_probabilities.to(device)
     target_labels = target_labels.to(device)
     schedule = settings.schedule(warm=start is not None)
     starts = range(0, len(images), settings.batch_size)
     counter = iter(range(1, len(starts) * sum(schedule) + 1))
     total = len(starts) * sum(schedule)
-    warped_images, warped_labels, dice, folding, thetas, ddfs = [], [], [], [], [], []
+    dice, folding, thetas, ddfs = [], [], [], []
     for first in starts:
         part = slice(first, first + settings.batch_size)
         batch_images, batch_labels = images[part].to(device), labels[part].to(device)
@@ -337,12 +341,12 @@ def align_atlas(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], 
             for case in range(len(batch_images)):
                 image, label, fold = _warp_case(batch_images[case:case + 1], batch_labels[case:case + 1],
                                                 theta[case:case + 1], ddf[case:case + 1])
-                warped_images.append(image.cpu())
-                warped_labels.append(label.cpu())
+                # The warped case replaces its placement, which nothing needs any more: one copy of the atlas.
+                images[first + case].copy_(image[0])
+                labels[first + case].copy_(label[0])
                 dice.append(mean_dice(label[0, 0], target_labels, range(1, num_classes)))
                 folding.append(fold)
         thetas.append(theta.cpu())
         ddfs.append(ddf.cpu())
-    return AlignedAtlas(images=torch.cat(warped_images), labels=torch.cat(warped_labels), dice=np.array(dice),
-                        folding=np.array(folding),
+    return AlignedAtlas(images=images, labels=labels, dice=np.array(dice), folding=np.array(folding),
                         transforms=AtlasTransforms(shifts, torch.cat(thetas), torch.cat(ddfs)))

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__, body, changes, model_package, package_checks, protocol, uncertainty
-from .alignment import AlignedAtlas
+from .alignment import AlignedAtlas, label_dtype
 from .device import Attempt, memory_fallback_attempts, with_memory_fallback
 from .edits import CaseTraining, UserEdits, trust
 from .errors import Cancelled, OutOfMemoryError
@@ -82,11 +82,16 @@ def segments_record(labels: list[dict]) -> dict:
 
 def atlas_arrays(package: model_package.ModelPackage) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The package's atlas as arrays for alignment: per case a (z, y, x) float32 image normalized as the
-    network's preprocessing does and a (z, y, x) int64 labelmap, at the model spacing."""
-    atlas = [case.read() for case in package.atlas_cases]
+    network's preprocessing does and a (z, y, x) labelmap in the smallest integer type for its values
+    (alignment.label_dtype: at clinical sizes each byte per voxel is 12 MB per case), at the model
+    spacing. Read one case at a time, so that the files' own arrays never pile up."""
     kind = package.network_kind
-    images = [kind.normalize(sitk.GetArrayFromImage(image)) for image, _ in atlas]
-    labels = [sitk.GetArrayFromImage(labels).astype(np.int64) for _, labels in atlas]
+    images, labels = [], []
+    for case in package.atlas_cases:
+        image, case_labels = case.read()
+        images.append(kind.normalize(sitk.GetArrayFromImage(image)))
+        values = sitk.GetArrayFromImage(case_labels)
+        labels.append(values.astype(label_dtype(int(values.max(initial=0)) + 1), copy=False))
     return images, labels
 
 
