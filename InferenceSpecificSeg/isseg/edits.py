@@ -3,9 +3,9 @@
 The edited mask (label values of the model, on the input grid) replaces the network's initial mask:
 it is the moving average the run starts from, so the first alignment round aligns the atlas to it.
 The edited region (1 where the user changed a voxel, 0 elsewhere, on the input grid) is trusted:
-the fine-tuning also trains on the case itself there with the user's labels (`CaseTraining`), the
-average is pulled back to the user's labels there after every update (`UserEdits.trust`), and every
-published labelmap keeps the user's voxels there unchanged (`UserEdits.keep_edits`).
+the fine-tuning also trains on the case itself on the slices the user reviewed (`reviewed_slices`,
+`CaseTraining`), the average is pulled back to the user's labels in the region after every update
+(`trust`), and every published labelmap keeps the user's voxels there unchanged (`UserEdits.keep_edits`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
-from monai.losses import MaskedDiceLoss
+from monai.losses import DiceLoss
 from monai.transforms import RandWeightedCrop, SpatialPad
 from monai.utils import convert_to_tensor
 
@@ -130,45 +129,79 @@ def trust(average: torch.Tensor, user_probabilities: torch.Tensor, weight: torch
     average.mul_(1 - weight).add_(weight * user_probabilities)
 
 
-class CaseTraining:
-    """Fine-tuning steps on the case itself, inside the edited region, with the user's labels.
+def reviewed_slices(labels: np.ndarray, region: np.ndarray) -> dict[int, np.ndarray]:
+    """Label value -> (z, y, x) bool on the input grid: the axial slices (array axis 0) on which the user
+    gave that label to an edited voxel. A user who corrects an organ on a slice has reviewed that organ on
+    the whole slice: its voxels there are the organ, the rest of the slice is not. labels (z, y, x) label
+    values, region (z, y, x) bool (the edited voxels)."""
+    reviewed = {}
+    for value in np.unique(labels[region]).tolist():
+        if value != 0:
+            mask = np.zeros(labels.shape, dtype=bool)
+            mask[(region & (labels == value)).any(axis=(1, 2))] = True
+            reviewed[int(value)] = mask
+    return reviewed
 
-    image (1, 1, z, y, x) normalized, labels (z, y, x) int64 and trusted (z, y, x) bool, all on the
-    model grid. Each step trains on `batch_size` patches centred on trusted voxels; the loss (masked
-    Dice + cross-entropy) counts the trusted voxels only.
+
+def reviewed_loss(logits: torch.Tensor, values: list[int], targets: torch.Tensor, reviewed: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy plus soft Dice of each reviewed label's probability, over its reviewed voxels.
+
+    logits (B, C, z, y, x); targets and reviewed (B, K, z, y, x) 0/1, channel k for class index values[k]:
+    1 where the user's mask has that label, and 1 where that label was reviewed."""
+    log_p = logits.float().log_softmax(1)[:, values]
+    p = log_p.exp()
+    # log(1 - p) by log1p, clamped: where the network is sure of the label, 1 - p underflows to 0.
+    log_not = torch.log1p(-p.clamp(max=1 - 1e-6))
+    cross_entropy = -(targets * log_p + (1 - targets) * log_not)
+    cross_entropy = (cross_entropy * reviewed).sum() / reviewed.sum().clamp(min=1)
+    dice = DiceLoss(batch=True)(p * reviewed, targets * reviewed)
+    return cross_entropy + dice
+
+
+class CaseTraining:
+    """Fine-tuning steps on the case itself, on the slices the user reviewed (`reviewed_slices`).
+
+    image (1, 1, z, y, x) normalized; targets and reviewed (K, z, y, x) 0/1 for the class indices `values`
+    (see `reviewed_loss`), all on the model grid. Each step trains on `batch_size` patches centred on
+    voxels of a reviewed label on its reviewed slices, with `reviewed_loss`. Whole slices, not only the
+    edited voxels: those are mostly one label, and trained on alone they teach the network to call
+    everything that label (BENCHMARKS.md section 9).
     """
 
-    def __init__(self, image: torch.Tensor, labels: np.ndarray, trusted: np.ndarray, patch_zyx, seed: int,
-                 batch_size: int = 1):
-        stacked = torch.cat([image[0], torch.as_tensor(labels, dtype=torch.float32)[None],
-                             torch.as_tensor(trusted, dtype=torch.float32)[None]])
+    def __init__(self, image: torch.Tensor, values: list[int], targets: np.ndarray, reviewed: np.ndarray,
+                 patch_zyx, seed: int, batch_size: int = 1):
+        positives = (targets * reviewed).sum(axis=0, keepdims=True)
+        stacked = torch.cat([image[0], torch.as_tensor(np.concatenate([targets, reviewed, positives]),
+                                                       dtype=torch.float32)])
         self.volume = SpatialPad(spatial_size=patch_zyx, mode="constant")(stacked)
+        self.values = values
         self.cropper = RandWeightedCrop(spatial_size=patch_zyx, num_samples=batch_size)
         self.cropper.set_random_state(seed)
-        self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True)
 
     @classmethod
     def from_edits(cls, edits: UserEdits, input_image: sitk.Image, model_image: sitk.Image, image: torch.Tensor,
                    patch_zyx, seed: int) -> "CaseTraining | None":
-        """The case training of a run, or None when the user edited no voxel of the model grid."""
-        trusted = _fraction_on_model_grid(edits.region, input_image, model_image, fill=0.0) >= 0.5
-        if not trusted.any():
+        """The case training of a run, or None when the user gave no organ label to a voxel of the model grid."""
+        reviewed = {value: _fraction_on_model_grid(mask, input_image, model_image, fill=0.0) >= 0.5
+                    for value, mask in reviewed_slices(edits.labels, edits.region).items()}
+        targets = {value: _fraction_on_model_grid(edits.labels == value, input_image, model_image, fill=0.0) >= 0.5
+                   for value in reviewed}
+        values = [value for value in reviewed if (targets[value] & reviewed[value]).any()]
+        if not values:
             return None
-        labels = sitk.GetArrayFromImage(resample_to(labelmap_like(edits.labels, input_image), model_image, is_label=True))
-        return cls(image, labels.astype(np.int64), trusted, patch_zyx, seed)
+        return cls(image, values, np.stack([targets[v] for v in values]), np.stack([reviewed[v] for v in values]),
+                   patch_zyx, seed)
 
     def step(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-        """One optimiser step on fresh patches."""
+        """One optimiser step on fresh patches of the case."""
+        count = len(self.values)
         # Plain tensors: a MetaTensor (what MONAI's crops return) slows every network operation.
         patches = torch.stack([convert_to_tensor(p, track_meta=False)
-                               for p in self.cropper(self.volume, weight_map=self.volume[2:3])])
-        image, labels, mask = patches[:, :1].to(device), patches[:, 1:2].round().long().to(device), patches[:, 2:3].to(device)
+                               for p in self.cropper(self.volume, weight_map=self.volume[-1:])]).to(device)
         network.train()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = network(image)
-        logits = logits.float()
-        cross_entropy = (F.cross_entropy(logits, labels[:, 0], reduction="none") * mask[:, 0]).sum() / mask.sum().clamp(min=1)
-        loss = cross_entropy + self.dice(logits, labels, mask=mask)
+            logits = network(patches[:, :1])
+        loss = reviewed_loss(logits, self.values, patches[:, 1:1 + count], patches[:, 1 + count:1 + 2 * count])
         loss.backward()
         optimizer.step()

@@ -179,8 +179,8 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
     network's probabilities (1, C, z, y, x) of the target, as its own predictor computes them
     (isseg.networks.predict_probabilities). `observer` hears of every
     stage, iteration, step and update and may raise to stop.
-    `case_training` (edits.CaseTraining, with --edited-region) adds a step on the case itself, inside the
-    voxels the user edited, after every step on the atlas; `keep_trusted(probabilities)` (e.g. edits.trust)
+    `case_training` (edits.CaseTraining, with --edited-region) adds a step on the case itself, on the
+    slices the user reviewed, after every step on the atlas; `keep_trusted(probabilities)` (e.g. edits.trust)
     changes the average in place after every update, before it is published and drives the next round.
     """
     observer = observer or RefineObserver()
