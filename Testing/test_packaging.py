@@ -17,6 +17,7 @@ from isseg import packaging
 from isseg.errors import BadInputError
 from isseg.label_resampling import resample_labels, resample_labels_onto
 from isseg.networks import EXTRAS, OutputClasses
+from isseg.networks.base import softmax_in_place
 
 NETWORK = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver"}
 
@@ -178,3 +179,11 @@ def test_packaging_never_replaces_a_folder(demo_package, labelled_atlas, tmp_pat
         packaging.build_package(packaging.read_network(demo_package), labelled_atlas, tmp_path / "existing")
     assert (tmp_path / "existing" / "precious.txt").read_text(encoding="utf-8") == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
+
+
+def test_softmax_in_place_equals_torch_softmax_and_keeps_no_second_volume():
+    logits = torch.randn(1, 5, 4, 6, 7, generator=torch.Generator().manual_seed(0)) * 20
+    expected = torch.softmax(logits, 1)
+    result = softmax_in_place(logits)
+    assert result.data_ptr() == logits.data_ptr()  # a clinical-size second volume is a GiB
+    assert torch.allclose(result, expected, atol=1e-6)

@@ -56,7 +56,8 @@ def test_match_atlas_intensities_gives_each_atlas_organ_the_case_organs_mean_and
         assert float(organ.std()) == pytest.approx(float(confident.std()), rel=1e-4)
     outside = labels != 1
     assert torch.equal(matched[outside], before[outside]), "background and too-small organs stay as they are"
-    assert torch.equal(images, before), "the atlas images must not be changed in place"
+    # In place: at clinical sizes a copy of a round's atlas images is most of a GiB.
+    assert matched is images
 
 
 def test_match_atlas_intensities_leaves_organs_the_case_is_unsure_about():

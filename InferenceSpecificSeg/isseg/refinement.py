@@ -134,8 +134,10 @@ def match_atlas_intensities(images: torch.Tensor, labels: torch.Tensor, target_i
     target_probabilities (1, C, ...). For every organ c the case statistics come from voxels where
     P_c >= `confidence`; atlas voxels of label c get (x - mean_a) / std_a * std_t + mean_t.
     Organs with fewer than `min_voxels` confident voxels, and the background, are left unchanged.
+    The images are changed in place and returned: at clinical sizes a copy of the atlas images is most
+    of a GiB, and a round's aligned images serve only its own patches.
     """
-    result = images.clone()
+    result = images
     target_values = target_image[0, 0]
     for c in range(1, target_probabilities.shape[1]):
         confident = target_probabilities[0, c] >= confidence
@@ -146,7 +148,7 @@ def match_atlas_intensities(images: torch.Tensor, labels: torch.Tensor, target_i
             region = labels[n, 0] == c
             if int(region.sum()) < min_voxels:
                 continue
-            values = images[n, 0][region]
+            values = result[n, 0][region]
             result[n, 0][region] = (values - values.mean()) / values.std().clamp(min=1e-4) * target_std + target_mean
     return result
 
@@ -158,12 +160,11 @@ def steps_per_round(settings: RefineSettings) -> list[int]:
 
 def _round_sampler(aligned: AlignedAtlas, target_image: torch.Tensor, average: torch.Tensor, patch_zyx,
                    settings: RefineSettings, rng: np.random.Generator, device: torch.device) -> PatchSampler:
-    """The patches of one round: the aligned atlas (intensities matched to the case unless switched off)
-    with its class indices, on the device."""
-    images = aligned.images
+    """The patches of one round: the aligned atlas (intensities matched to the case in place unless
+    switched off) with its class indices, on the device."""
     if settings.match_intensity:
-        images = match_atlas_intensities(aligned.images, aligned.labels, target_image, average)
-    return PatchSampler(images, aligned.labels, patch_zyx, settings.patches, rng, device)
+        match_atlas_intensities(aligned.images, aligned.labels, target_image, average)
+    return PatchSampler(aligned.images, aligned.labels, patch_zyx, settings.patches, rng, device)
 
 
 def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabilities: torch.Tensor,
