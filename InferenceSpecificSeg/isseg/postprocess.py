@@ -48,15 +48,16 @@ def keep_largest_component(labelmap: np.ndarray, labels: list[dict]) -> np.ndarr
 
 def resample_probabilities(probabilities: np.ndarray, model_grid: sitk.Image, target_grid: sitk.Image) -> np.ndarray:
     """Class probabilities (C, z, y, x) on `model_grid` -> (C, z', y', x') float32 on `target_grid`, each
-    channel resampled linearly (outside the model grid: background 1, other classes 0)."""
-    channels = []
-    for channel in probabilities:
-        moving = sitk.GetImageFromArray(channel.astype(np.float32))
+    channel resampled linearly (outside the model grid: background 1, other classes 0), each written
+    straight into the result: a list of channels and its stack were two copies, 2 GiB at clinical sizes."""
+    result = np.empty((len(probabilities), *target_grid.GetSize()[::-1]), dtype=np.float32)
+    for index, channel in enumerate(probabilities):
+        moving = sitk.GetImageFromArray(channel.astype(np.float32, copy=False))
         moving.CopyInformation(model_grid)
         resampled = sitk.Resample(moving, target_grid, sitk.Transform(), sitk.sitkLinear,
-                                  1.0 if not channels else 0.0, sitk.sitkFloat32)
-        channels.append(sitk.GetArrayFromImage(resampled))
-    return np.stack(channels)
+                                  1.0 if index == 0 else 0.0, sitk.sitkFloat32)
+        result[index] = sitk.GetArrayViewFromImage(resampled)
+    return result
 
 
 def labelmap_on_grid(probabilities: np.ndarray, grid: sitk.Image, labels: list[dict],
