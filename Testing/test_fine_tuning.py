@@ -190,3 +190,30 @@ def test_refine_stops_at_the_first_converged_update_and_says_so():
     recorder, result = refine_tiny(stop_when_converged=0.0)
     assert [step for step, _ in recorder.updates] == [3, 6, 9, 12]
     assert recorder.stopped is None and result.converged_at is None
+
+
+def test_refine_releases_each_prediction_before_the_next():
+    # At clinical sizes a prediction is a GiB (21 classes x 256 x 256 x 192): the previous one must be gone
+    # when the next is made, or the refine stage holds two.
+    import gc
+    import weakref
+
+    shape = (16, 16, 16)
+    images, labels = labelled_volumes(cases=2, shape=shape)
+    target = torch.zeros(1, 1, *shape)
+    initial = one_hot(labels[0, 0].long())
+    previous, alive_at_next_call = [], []
+
+    def predict(network):
+        gc.collect()
+        alive_at_next_call.extend(ref() is not None for ref in previous)
+        prediction = initial.clone()
+        previous[:] = [weakref.ref(prediction)]
+        return prediction
+
+    settings = RefineSettings(steps=6, rounds=1, update_every=2, stop_when_converged=0.0, match_intensity=False,
+                              alignment=AlignmentSettings(iterations=1, warm_iterations=1))
+    refine(torch.nn.Conv3d(1, initial.shape[1], 1), target, initial, [i[0].numpy() for i in images],
+           [label[0].numpy().astype(np.int64) for label in labels], PATCH, settings, torch.device("cpu"),
+           predict, np.random.default_rng(0))
+    assert alive_at_next_call == [False, False]

@@ -210,6 +210,7 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
                 prediction = predict(tuned)
                 observer.predicted(step, prediction)
                 average.update(prediction)
+                del prediction  # else it lives on while the next one is made: a GiB at clinical sizes
                 if keep_trusted is not None:
                     keep_trusted(average.value)
                 observer.updated(step, average.value, average.updates, average.changes[-1])
