@@ -167,6 +167,14 @@ def _round_sampler(aligned: AlignedAtlas, target_image: torch.Tensor, average: t
     return PatchSampler(aligned.images, aligned.labels, patch_zyx, settings.patches, rng, device)
 
 
+def _update_average(average: MovingAverage, prediction: torch.Tensor, step: int, observer: RefineObserver) -> None:
+    """Hand the prediction (1, C, z, y, x) to the observer and into the average. A function of its own so
+    that the prediction (a GiB at clinical sizes) is gone when it returns, not alive in the loop's
+    variable while the next one is made."""
+    observer.predicted(step, prediction)
+    average.update(prediction)
+
+
 def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabilities: torch.Tensor,
            atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], patch_zyx, settings: RefineSettings,
            device: torch.device, predict: Callable[[torch.nn.Module], torch.Tensor], rng: np.random.Generator,
@@ -207,10 +215,7 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
             step += 1
             observer.step(step, loss)
             if step % settings.update_every == 0 or step == settings.steps:
-                prediction = predict(tuned)
-                observer.predicted(step, prediction)
-                average.update(prediction)
-                del prediction  # else it lives on while the next one is made: a GiB at clinical sizes
+                _update_average(average, predict(tuned), step, observer)
                 if keep_trusted is not None:
                     keep_trusted(average.value)
                 observer.updated(step, average.value, average.updates, average.changes[-1])
