@@ -24,7 +24,7 @@ from isseg.errors import Cancelled
 from isseg.events import EventWriter
 from isseg.output_folder import OutputFolder
 from isseg.pipeline import CancelToken, Run
-from isseg.protocol import result_is_complete
+from isseg.protocol import DEFAULT_STOP_WHEN_CONVERGED, result_is_complete
 from isseg.refinement import RefineSettings
 
 # Reduced settings (the defaults take several times longer); for shifted_spec(103) they raise the
@@ -166,7 +166,7 @@ def test_report_has_stage_times_and_alignment_quality(refined):
     assert sum(report["seconds"].values()) <= refined["seconds"] + 1
     assert report["snapshots"] == 3 and report["moving_average_updates"] == 2
     stopping = report["early_stopping"]
-    assert stopping["threshold"] == 0 and stopping["stopped_after_step"] is None and stopping["steps_planned"] == 40
+    assert stopping["threshold"] == DEFAULT_STOP_WHEN_CONVERGED and stopping["stopped_after_step"] is None and stopping["steps_planned"] == 40
     assert len(stopping["mask_change_per_update"]) == 2 and all(0 <= c <= 1 for c in stopping["mask_change_per_update"])
     assert [entry["round"] for entry in report["alignment"]] == [1]
     quality = report["alignment"][0]
