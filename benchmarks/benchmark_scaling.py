@@ -299,8 +299,9 @@ def _stage_peaks(child: subprocess.Popen) -> tuple[dict[str, int], list[str]]:
     def follow() -> None:
         for line in child.stdout:
             lines.append(line)
-            if line.startswith("{") and json.loads(line).get("event") == "stage":
-                stage[0] = json.loads(line)["stage"]
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "stage":
+                stage[0] = event["stage"]
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()

@@ -137,7 +137,6 @@ def match_atlas_intensities(images: torch.Tensor, labels: torch.Tensor, target_i
     The images are changed in place and returned: at clinical sizes a copy of the atlas images is most
     of a GiB, and a round's aligned images serve only its own patches.
     """
-    result = images
     target_values = target_image[0, 0]
     for c in range(1, target_probabilities.shape[1]):
         confident = target_probabilities[0, c] >= confidence
@@ -148,9 +147,9 @@ def match_atlas_intensities(images: torch.Tensor, labels: torch.Tensor, target_i
             region = labels[n, 0] == c
             if int(region.sum()) < min_voxels:
                 continue
-            values = result[n, 0][region]
-            result[n, 0][region] = (values - values.mean()) / values.std().clamp(min=1e-4) * target_std + target_mean
-    return result
+            values = images[n, 0][region]
+            images[n, 0][region] = (values - values.mean()) / values.std().clamp(min=1e-4) * target_std + target_mean
+    return images
 
 
 def steps_per_round(settings: RefineSettings) -> list[int]:
