@@ -22,6 +22,12 @@ ISL_VARIANTS = VARIANTS[2:]
 ABDOMEN_SMALL_ORGANS = ("gallbladder", "pancreas", "adrenal_left", "adrenal_right")
 #: A head-and-neck organ whose median (oncologist) volume is below this is flagged as small.
 SMALL_ORGAN_ML = 1.0
+#: Head-and-neck organs of median volume below SMALL_ORGAN_ML (0.07 to 0.9 ml over the test scans,
+#: benchmarks/results/headneck_interobserver.md): 1 to 14 voxels at 4 mm.
+HEADNECK_SMALL_ORGANS = ("Cochlea-Lt", "Cochlea-Rt", "Lacrimal-Lt", "Lacrimal-Rt", "Lens-Lt", "Lens-Rt",
+                         "Optic-Nerve-Lt", "Optic-Nerve-Rt")
+#: The organs of the k-fold head-and-neck benchmark (benchmarks/headneck_kfold.py): the others.
+HEADNECK_KFOLD_ORGANS = tuple(o for o in sct.HEADNECK_ORGANS if o not in HEADNECK_SMALL_ORGANS)
 
 #: Abdomen label name (synthetic_ct.ICRP_ABDOMEN_LABELS) -> TotalSegmentator "total" task class name.
 TOTALSEG_NAME = {
@@ -155,8 +161,15 @@ def abdomen_case_plan(scale: Scale, seed: int) -> dict[str, list[dict]]:
                      for i in range(scale.abdomen_test_cases)]}
 
 
-def headneck_label_names() -> dict[int, str]:
-    return {0: "background", **{value: name for name, value in sct.HEADNECK_LABEL.items()}}
+def headneck_label_names(organs: Sequence[str] | None = None) -> dict[int, str]:
+    """Label values of a head-and-neck model: 1.. in the order of `organs` (default all 21)."""
+    return {0: "background", **dict(enumerate(organs or sct.HEADNECK_ORGANS, start=1))}
+
+
+def headneck_target(organs: Sequence[str]) -> dict[int, int]:
+    """Tissue-map value (sct.HEADNECK_LABEL) -> label value (headneck_label_names) of each organ kept;
+    the organs left out become background in the labels (their tissue stays in the image)."""
+    return {sct.HEADNECK_LABEL[organ]: value for value, organ in enumerate(organs, start=1)}
 
 
 def abdomen_label_names() -> dict[int, str]:

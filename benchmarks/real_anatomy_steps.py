@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import synthetic_ct as sct
 from real_anatomy_jobs import Budget, Steps, isseg_command, process_pool, run_logged, say
 from real_anatomy_plans import (ABDOMEN_TEST, ABDOMEN_TRAIN, HEADNECK_TEST, HEADNECK_TRAIN, ISL_VARIANTS,
                                 Distribution, Scale, abdomen_case_plan, abdomen_label_names, headneck_case_plan,
-                                headneck_label_names)
+                                headneck_label_names, headneck_target)
 from real_anatomy_reports import compare_to_reference, real_ct_markdown, totalseg_mapping, write_csv
 
 DATASETS = ("headneck", "abdomen")
@@ -78,8 +78,8 @@ def _synth_job(job: dict) -> dict:
     settings = sct.draw_case_settings(rng, distribution.phases, distribution.noise_hu, distribution.psf_mm,
                                       distribution.max_deform_mm, distribution.fov_min_fraction)
     if job["dataset"] == "headneck":
-        tissue_hu, phases, target = (sct.HEADNECK_TISSUE_HU, sct.HEADNECK_ENHANCEMENT_HU,
-                                     {v: v for v in sct.HEADNECK_LABEL.values()})
+        tissue_hu, phases = sct.HEADNECK_TISSUE_HU, sct.HEADNECK_ENHANCEMENT_HU
+        target = headneck_target(job.get("organs") or sct.HEADNECK_ORGANS)
     else:
         tissue_hu = {int(k): v for k, v in json.loads(Path(job["tissue_hu"]).read_text(encoding="utf-8")).items()}
         phases = sct.ICRP_ENHANCEMENT_HU
@@ -96,7 +96,7 @@ def synthesise(jobs: list[dict], out: Path, dataset: str, split: str, pool) -> P
     if out.exists():
         shutil.rmtree(out)
     results = sorted(pool.map(_synth_job, jobs), key=lambda r: r["case_id"])
-    names = headneck_label_names() if dataset == "headneck" else abdomen_label_names()
+    names = headneck_label_names(jobs[0].get("organs")) if dataset == "headneck" else abdomen_label_names()
     description = sct._HEADNECK_DESCRIPTION if dataset == "headneck" else sct._ICRP_DESCRIPTION
     path = sct.write_msd_dataset_json(out, f"{dataset}-{split}", f"{description}; {split} distribution", names,
                                       [r["entry"] for r in results],
@@ -164,15 +164,25 @@ def train(ctx: RunContext, dataset: str) -> Path:
     return package
 
 
-def first_cases_dataset(dataset_json: Path, count: int, out: Path) -> Path:
-    """An MSD folder (dataset.json only, absolute paths) holding the first `count` cases of another."""
+def subset_dataset(dataset_json: Path, case_ids: Sequence[str], out: Path) -> Path:
+    """An MSD folder (dataset.json only, absolute paths) holding the named cases of another, in order."""
     dataset = json.loads(dataset_json.read_text(encoding="utf-8"))
-    entries = [{key: str((dataset_json.parent / entry[key]).resolve()) for key in ("image", "label")}
-               for entry in dataset["training"][:count]]
+    by_id = {Path(entry["image"]).name.split(".")[0]: entry for entry in dataset["training"]}
+    missing = [case for case in case_ids if case not in by_id]
+    if missing:
+        raise KeyError(f"{dataset_json} has no case {missing}")
+    entries = [{key: str((dataset_json.parent / by_id[case][key]).resolve()) for key in ("image", "label")}
+               for case in case_ids]
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataset.json").write_text(json.dumps({**dataset, "training": entries, "numTraining": len(entries),
                                                   "synthesis": {}}, indent=1), encoding="utf-8")
     return out
+
+
+def first_cases_dataset(dataset_json: Path, count: int, out: Path) -> Path:
+    """subset_dataset of the first `count` cases of another."""
+    entries = json.loads(dataset_json.read_text(encoding="utf-8"))["training"][:count]
+    return subset_dataset(dataset_json, [Path(entry["image"]).name.split(".")[0] for entry in entries], out)
 
 
 def evaluate_first_cases(ctx: RunContext, dataset: str, count: int, resume: bool) -> float:

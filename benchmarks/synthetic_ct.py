@@ -785,6 +785,30 @@ def headneck_scan_tissues(scan_dir: Path,
                               margin_mm=10.0)
 
 
+def scans_by_patient(scans: Iterable[str]) -> dict[str, list[str]]:
+    """Patient -> its scans (sorted). Scans named like 0522c0727a / 0522c0727b (a trailing letter
+    after the patient number) are scans of one patient."""
+    by_patient: dict[str, list[str]] = {}
+    for scan in sorted(scans):
+        by_patient.setdefault(re.sub(r"(?<=\d)[a-z]$", "", scan), []).append(scan)
+    return by_patient
+
+
+def headneck_patient_folds(scans: Iterable[str], folds: int, seed: int) -> list[list[str]]:
+    """Scan names dealt into `folds` folds by patient, reproducibly: a patient's scans share a fold,
+    and the folds differ in size by at most one patient's scans (each patient, in a seeded order,
+    goes to the fold with the fewest scans so far). Returns the folds' sorted scan lists."""
+    by_patient = scans_by_patient(scans)
+    if not 2 <= folds <= len(by_patient):
+        raise ValueError(f"{folds} folds need from 2 to {len(by_patient)} patients' worth of folds")
+    patients = sorted(by_patient)
+    dealt: list[list[str]] = [[] for _ in range(folds)]
+    for index in np.random.default_rng(seed).permutation(len(patients)):
+        smallest = min(range(folds), key=lambda k: (len(dealt[k]), k))
+        dealt[smallest] += by_patient[patients[index]]
+    return [sorted(fold) for fold in dealt]
+
+
 def headneck_patient_split(scans: Iterable[str], seed: int,
                            test_fraction: float = 0.25) -> tuple[list[str], list[str]]:
     """Split scan names into (train, test) by patient, reproducibly.
@@ -793,10 +817,7 @@ def headneck_patient_split(scans: Iterable[str], seed: int,
     patient number) belong to one patient and always land on the same side.
     At least one patient goes to each side when there are two or more.
     """
-    by_patient: dict[str, list[str]] = {}
-    for scan in sorted(scans):
-        patient = re.sub(r"(?<=\d)[a-z]$", "", scan)
-        by_patient.setdefault(patient, []).append(scan)
+    by_patient = scans_by_patient(scans)
     patients = sorted(by_patient)
     order = np.random.default_rng(seed).permutation(len(patients))
     n_test = int(round(test_fraction * len(patients)))
