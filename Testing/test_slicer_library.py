@@ -73,7 +73,7 @@ def test_progress_text():
 
 def test_run_settings_become_worker_arguments():
     assert RunSettings().commandLineArguments() == [
-        "--steps", "160", "--device", "auto", "--align-mode", "mask", "--momentum", "0.8", "--loss", "dicece"]
+        "--steps", "80", "--device", "auto", "--align-mode", "mask", "--momentum", "0.8", "--loss", "dicece"]
     settings = RunSettings(steps=20, device=Device.CPU, alignment=AlignmentMode.BOTH, momentum=0.95,
                            loss=Loss.REGION_TVERSKY)
     assert settings.commandLineArguments() == [

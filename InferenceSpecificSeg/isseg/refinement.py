@@ -35,7 +35,7 @@ class RefineSettings:
     update_every: int = protocol.DEFAULT_UPDATE_EVERY
     momentum: float = protocol.DEFAULT_MOMENTUM
     moving_average: bool = True
-    learning_rate: float = 3e-4
+    learning_rate: float = 6e-4  # with protocol.DEFAULT_STEPS: half the steps at twice the rate
     loss: str = protocol.DEFAULT_LOSS
     stop_when_converged: float = protocol.DEFAULT_STOP_WHEN_CONVERGED
     match_intensity: bool = True
