@@ -60,9 +60,9 @@ def test_subset_dataset_lists_the_named_cases_in_order_with_absolute_paths(tmp_p
     source = tmp_path / "all"
     source.mkdir()
     (source / "dataset.json").write_text(json.dumps({"labels": {"0": "background"}, "training": [
-        {"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("a", "b", "c")]}))
+        {"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ("a", "b", "c")]}), encoding="utf-8")
     out = steps.subset_dataset(source / "dataset.json", ["c", "a"], tmp_path / "subset")
-    dataset = json.loads((out / "dataset.json").read_text())
+    dataset = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     assert [e["image"] for e in dataset["training"]] == [str(source / "imagesTr" / f"{c}.nii.gz") for c in "ca"]
     assert dataset["numTraining"] == 2 and dataset["labels"] == {"0": "background"}
     with pytest.raises(KeyError):
@@ -73,7 +73,7 @@ def write_case_record(work: Path, group: str, scan: str, scores: dict, errors: d
     folder = work / "evaluate" / group / scan / "cases" / f"hn_test_{scan}"
     folder.mkdir(parents=True)
     (folder / "case.json").write_text(json.dumps({"case": f"hn_test_{scan}", "errors": errors or {}, "scores": {
-        method: {organ: [dice, 3.0] for organ, dice in organs.items()} for method, organs in scores.items()}}))
+        method: {organ: [dice, 3.0] for organ, dice in organs.items()} for method, organs in scores.items()}}), encoding="utf-8")
 
 
 def plan_of(folds, organs=("Brain", "Mandible")) -> kfold.KFoldPlan:
@@ -97,14 +97,14 @@ def test_pooled_tables_pair_every_scan_and_flag_an_organ_that_got_worse(tmp_path
     assert results[0].scores["initial"]["Brain"][0] == pytest.approx(0.80)  # the primary baselines win
     assert kreports.complete_methods(results) == ["initial", "registration", "isl_mask"]
     path = kreports.write_kfold_results(work, tmp_path / "results", plan, None, ["python3", "x.py"], {"train_fold_0": 60.0})
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     assert "6 scans evaluated" in text and "left out of the tables: isl_mask_last_iterate (5 scans)." in text
     assert "+1.7 points, Wilcoxon p = 0.0312 over the scans" in text  # every scan better: 2 / 2**6
     assert "1 of 2 organs better, 1 worse by more than 1 point (Mandible)" in text and "**missed**" in text
     assert "| Mandible | 6 |" in text and "**worse by more than 1 point**" in text
-    summary = (tmp_path / "results" / "evaluate" / "summary.md").read_text()
+    summary = (tmp_path / "results" / "evaluate" / "summary.md").read_text(encoding="utf-8")
     assert "6 cases" in summary
-    assert len((tmp_path / "results" / "evaluate" / "metrics.csv").read_text().splitlines()) == 1 + 6 * 3 * 2
+    assert len((tmp_path / "results" / "evaluate" / "metrics.csv").read_text(encoding="utf-8").splitlines()) == 1 + 6 * 3 * 2
 
 
 def test_fold_chain_runs_primary_on_every_scan_before_secondary_and_stops_at_the_budget(tmp_path, monkeypatch):
@@ -149,7 +149,7 @@ def tiny_bundle(folder: Path, scans: list[str]) -> Path:
         image.SetSpacing((4.0, 4.0, 4.0))
         sitk.WriteImage(sct.headneck_tissues(image), str(folder / "headneck_tissues" / f"{scan}.nii.gz"))
     (folder / "manifest.json").write_text(json.dumps({"seed": 0, "headneck_train_scans": scans[:-1],
-                                                      "headneck_test_scans": scans[-1:]}))
+                                                      "headneck_test_scans": scans[-1:]}), encoding="utf-8")
     return folder
 
 
@@ -162,18 +162,18 @@ def test_a_whole_run_on_a_tiny_bundle_evaluates_every_scan_once(tmp_path):
             "--secondary-variants",
             "--refine-options", "--steps 2 --update-every 1 --rounds 1 --align-iterations 2"]
     assert kfold.main(argv) == 0
-    plan = json.loads((tmp_path / "work" / "plan.json").read_text())
+    plan = json.loads((tmp_path / "work" / "plan.json").read_text(encoding="utf-8"))
     assert sorted(s for fold in plan["folds"] for s in fold) == scans
-    dataset = json.loads((tmp_path / "work" / "data" / "headneck_train" / "dataset.json").read_text())
+    dataset = json.loads((tmp_path / "work" / "data" / "headneck_train" / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {str(k): v for k, v in plans.headneck_label_names(plans.HEADNECK_KFOLD_ORGANS).items()}
     for fold, test_scans in enumerate(plan["folds"]):
-        trained_on = json.loads((tmp_path / "work" / "data" / f"fold_{fold}_train" / "dataset.json").read_text())
+        trained_on = json.loads((tmp_path / "work" / "data" / f"fold_{fold}_train" / "dataset.json").read_text(encoding="utf-8"))
         sources = {Path(entry["image"]).name for entry in trained_on["training"]}
         assert sources == {f"hn_train_{s}.nii.gz" for s in scans if s not in test_scans}
-    text = (tmp_path / "results" / "headneck_kfold.md").read_text()
+    text = (tmp_path / "results" / "headneck_kfold.md").read_text(encoding="utf-8")
     assert "3 scans evaluated" in text and "| Mandible | 3 |" in text
-    rows = (tmp_path / "results" / "evaluate" / "metrics.csv").read_text().splitlines()
+    rows = (tmp_path / "results" / "evaluate" / "metrics.csv").read_text(encoding="utf-8").splitlines()
     assert {row.split(",")[0] for row in rows[1:]} == {f"hn_test_{s}" for s in scans}
     assert all(row.split(",")[5] == "ok" for row in rows[1:])
     assert kfold.main(argv) == 0  # a second run finds every step done and writes the same tables
-    assert (tmp_path / "results" / "headneck_kfold.md").read_text().split("## Steps")[0] == text.split("## Steps")[0]
+    assert (tmp_path / "results" / "headneck_kfold.md").read_text(encoding="utf-8").split("## Steps")[0] == text.split("## Steps")[0]
