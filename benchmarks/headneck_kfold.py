@@ -187,7 +187,8 @@ def prepare_run(args) -> KFoldRun:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    say("$ " + shlex.join(["python3", "benchmarks/headneck_kfold.py", *(argv if argv is not None else sys.argv[1:])]))
+    command = ["python3", "benchmarks/headneck_kfold.py", *(argv if argv is not None else sys.argv[1:])]
+    say("$ " + shlex.join(command))
     run = prepare_run(args)
     say(f"{len(run.plan.folds)} folds: " + "; ".join(", ".join(fold) for fold in run.plan.folds))
     jobs = case_jobs(run.plan, args.bundle.expanduser().resolve(), run.work)
@@ -202,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     interobserver = (interobserver_all_scans(args.data_dir, run.plan.scans, args.jobs)
                      if (args.data_dir / "headneck_contours").exists() else None)
     write_kfold_results(run.work, args.results.expanduser().resolve(), run.plan, interobserver,
-                        command=["python3", "benchmarks/headneck_kfold.py", *(argv if argv is not None else sys.argv[1:])],
-                        step_seconds=run.steps.seconds())
+                        command=command, step_seconds=run.steps.seconds())
     if failures:
         say(f"FAILED folds: {failures} (logs in {run.work / 'logs'})")
         return 1

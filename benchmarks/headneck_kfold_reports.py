@@ -29,29 +29,18 @@ TARGET_P = 0.01
 def pooled_case_results(work: Path, scans: Sequence[str]) -> list:
     """One isseg.evaluate.CaseResult per scan whose primary evaluation is complete: its methods, plus the
     secondary variants where that evaluation is complete too (its baselines repeat the primary ones)."""
-    from isseg.evaluate import BASELINES, CaseResult
+    from isseg.evaluate import BASELINES, CaseResult, read_case_record
 
     results = []
     for scan in scans:
-        primary = _case_record(work / "evaluate" / "primary" / scan, f"hn_test_{scan}")
+        case_id = f"hn_test_{scan}"
+        primary = read_case_record(work / "evaluate" / "primary" / scan / "cases" / case_id, case_id)
         if primary is None:
             continue
-        secondary = _case_record(work / "evaluate" / "secondary" / scan, f"hn_test_{scan}") or {}
-        scores = {**{m: s for m, s in secondary.items() if m not in BASELINES}, **primary}
-        results.append(CaseResult(f"hn_test_{scan}", scores))
+        secondary = read_case_record(work / "evaluate" / "secondary" / scan / "cases" / case_id, case_id)
+        extra = {m: s for m, s in (secondary.scores if secondary else {}).items() if m not in BASELINES}
+        results.append(CaseResult(case_id, {**extra, **primary.scores}))
     return results
-
-
-def _case_record(folder: Path, case_id: str) -> dict | None:
-    """method -> organ -> (Dice, HD95 mm) of a finished, error-free case record, else None."""
-    try:
-        record = json.loads((folder / "cases" / case_id / "case.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if record.get("errors"):
-        return None
-    return {method: {organ: tuple(math.nan if v is None else float(v) for v in pair) for organ, pair in organs.items()}
-            for method, organs in record["scores"].items()}
 
 
 def complete_methods(results: Sequence) -> list[str]:

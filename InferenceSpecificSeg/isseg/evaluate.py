@@ -298,10 +298,9 @@ def write_case_record(result: CaseResult, folder: Path) -> Path:
                              folder / CASE_RECORD)
 
 
-def read_complete_case(folder: Path, case_id: str, evaluation: Evaluation) -> CaseResult | None:
-    """The case's result from an earlier run of the same evaluation, when it is complete: case.json scores
-    every method (a failed method is run again) and every variant's run folder holds a complete result
-    (protocol.result_is_complete). None otherwise."""
+def read_case_record(folder: Path, case_id: str) -> CaseResult | None:
+    """cases/CASE/case.json of `folder` (the case's folder) as a CaseResult, when it is readable, is
+    the named case's and records no error. None otherwise."""
     try:
         record = json.loads((folder / CASE_RECORD).read_text(encoding="utf-8"))
         scores = {method: {organ: tuple(math.nan if value is None else float(value) for value in pair)
@@ -309,11 +308,21 @@ def read_complete_case(folder: Path, case_id: str, evaluation: Evaluation) -> Ca
                   for method, organ_scores in record["scores"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if record.get("case") != case_id or record.get("errors") or set(scores) != set(evaluation.methods):
+    if record.get("case") != case_id or record.get("errors"):
+        return None
+    return CaseResult(case_id, scores)
+
+
+def read_complete_case(folder: Path, case_id: str, evaluation: Evaluation) -> CaseResult | None:
+    """The case's result from an earlier run of the same evaluation, when it is complete: case.json scores
+    every method (a failed method is run again) and every variant's run folder holds a complete result
+    (protocol.result_is_complete). None otherwise."""
+    result = read_case_record(folder, case_id)
+    if result is None or set(result.scores) != set(evaluation.methods):
         return None
     if not all(protocol.result_is_complete(folder / variant.name) for variant in evaluation.variants):
         return None
-    return CaseResult(case_id, scores)
+    return result
 
 
 def metrics_rows(results: list[CaseResult], methods: list[str], organs: list[str]) -> list[list]:
