@@ -25,7 +25,7 @@ import torch
 from . import model_package, protocol
 from .appearance import AppearanceRandomizer
 from .datasets import read_labelled_case, read_msd_dataset
-from .device import resolve_device
+from .device import network_to, resolve_device
 from .errors import BadInputError
 from .events import EventWriter, RunClock
 from .inference import predict_probabilities
@@ -175,7 +175,7 @@ class _Training:
         network_config = {"name": "UNet", "args": {
             "spatial_dims": 3, "in_channels": 1, "out_channels": num_labels + 1, "channels": list(settings.channels),
             "strides": [2] * (len(settings.channels) - 1), "num_res_units": 1, "norm": "INSTANCE"}}
-        network = build_monai_network(network_config).to(device)
+        network = network_to(build_monai_network(network_config), device)
         optimizer = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps,
                                                                eta_min=settings.learning_rate * 0.05)

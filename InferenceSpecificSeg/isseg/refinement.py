@@ -22,6 +22,7 @@ import torch
 
 from . import protocol
 from .alignment import AlignedAtlas, AlignmentSettings, align_atlas
+from .device import network_to
 from .losses import segmentation_loss
 from .optimisation import PatchSampler, PatchSettings, train_step
 
@@ -192,7 +193,7 @@ def refine(network: torch.nn.Module, target_image: torch.Tensor, initial_probabi
     changes the average in place after every update, before it is published and drives the next round.
     """
     observer = observer or RefineObserver()
-    tuned = copy.deepcopy(network).to(device)
+    tuned = network_to(copy.deepcopy(network), device)
     optimizer = torch.optim.Adam(tuned.parameters(), lr=settings.learning_rate)
     loss_function = segmentation_loss(settings.loss)
     average = MovingAverage(initial_probabilities, settings.momentum, settings.moving_average)
