@@ -222,7 +222,7 @@ def run_context(tmp_path, force=False, budget_minutes=None, cases=3) -> steps.Ru
     (test_set / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "training": [
         {"image": f"./imagesTr/abd_test_{i:03d}.nii.gz", "label": f"./labelsTr/abd_test_{i:03d}.nii.gz"}
         for i in range(cases)]}), encoding="utf-8")
-    args = Namespace(force=force, device="cpu", seed=0, jobs=1)
+    args = Namespace(force=force, device="cpu", seed=0, jobs=1, abdomen_anatomy="elastic")
     return steps.RunContext(args=args, scale=plans.SCALES["quick"], bundle=tmp_path / "bundle", work=tmp_path / "work",
                             results=tmp_path / "results", manifest={}, parts={"abdomen"},
                             steps=jobs.Steps(tmp_path / "work", force), budget=jobs.Budget(budget_minutes),

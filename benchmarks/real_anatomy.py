@@ -178,6 +178,9 @@ def _add_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="run the head-and-neck and abdomen chains (train, evaluate) one after the other "
                              "instead of at once")
+    parser.add_argument("--abdomen-anatomy", choices=("elastic", "varied"), default="elastic",
+                        help="abdomen test cases: elastic variants of the training anatomy (default), or with "
+                             "organ sizes and positions varied as between patients (benchmarks/anatomy_variation.py)")
     size = parser.add_argument_group("size overrides (defaults from the scale)")
     size.add_argument("--train-steps", type=int)
     size.add_argument("--abdomen-train-cases", type=int)

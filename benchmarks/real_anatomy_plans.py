@@ -46,6 +46,7 @@ class Distribution:
     psf_mm: tuple[float, float]
     max_deform_mm: float
     fov_min_fraction: tuple[float, float, float]
+    organ_variation: bool = False  # organs resized and moved as between patients (anatomy_variation)
 
 
 # Training: one contrast phase, moderate noise, mild deformation, mild crops. Test: the other phase,
@@ -54,6 +55,15 @@ HEADNECK_TRAIN = Distribution(("native",), (10.0, 25.0), (1.0, 1.3), 8.0, (0.85,
 HEADNECK_TEST = Distribution(("venous",), (30.0, 45.0), (1.3, 1.8), 12.0, (0.7, 0.7, 0.75))
 ABDOMEN_TRAIN = Distribution(("portal_venous",), (10.0, 25.0), (1.0, 1.3), 15.0, (0.8, 0.8, 0.85))
 ABDOMEN_TEST = Distribution(("arterial",), (30.0, 45.0), (1.3, 1.8), 25.0, (0.65, 0.65, 0.7))
+# The test distribution with patient-to-patient anatomy on top: organ sizes and positions drawn from
+# population ranges (anatomy_variation.ABDOMEN_ORGAN_VARIATION) before the elastic deformation.
+ABDOMEN_VARIED_TEST = replace(ABDOMEN_TEST, organ_variation=True)
+
+
+def abdomen_test_distribution(anatomy: str) -> Distribution:
+    """The abdomen test distribution for `--abdomen-anatomy`: `elastic` (variants of the training anatomy)
+    or `varied` (organ sizes and positions varied as between patients as well)."""
+    return ABDOMEN_VARIED_TEST if anatomy == "varied" else ABDOMEN_TEST
 
 
 @dataclass(frozen=True)

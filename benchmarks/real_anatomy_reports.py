@@ -24,8 +24,8 @@ import numpy as np
 
 from isseg.reporting import format_mean_sd, format_number, markdown_table, write_csv as write_rows
 from real_anatomy_jobs import say
-from real_anatomy_plans import (ABDOMEN_SMALL_ORGANS, ABDOMEN_TEST, ABDOMEN_TRAIN, HEADNECK_TEST, HEADNECK_TRAIN,
-                                SMALL_ORGAN_ML, TOTALSEG_NAME, VARIANTS, Scale)
+from real_anatomy_plans import (ABDOMEN_SMALL_ORGANS, ABDOMEN_TRAIN, HEADNECK_TEST, HEADNECK_TRAIN,
+                                SMALL_ORGAN_ML, TOTALSEG_NAME, VARIANTS, Scale, abdomen_test_distribution)
 
 STAGES = ("initial", "align", "refine", "finalize")
 
@@ -375,6 +375,10 @@ def device_name(requested: str) -> str:
     return requested
 
 
+ABDOMEN_ANATOMY_WORDS = {"elastic": "elastic variants of one anatomy",
+                         "varied": "organ sizes and positions varied as between patients, then elastic variants"}
+
+
 def write_index(results: Path, scale: Scale, args, stage_seconds: Mapping[str, float], manifest: Mapping) -> None:
     lines = [f"# Real-anatomy benchmarks ({scale.name} scale)\n",
              f"Made by `{shlex.join(['python3', 'benchmarks/real_anatomy.py', *sys.argv[1:]])}` on "
@@ -392,8 +396,8 @@ def write_index(results: Path, scale: Scale, args, stage_seconds: Mapping[str, f
              f"{scale.headneck_synth_spacing} mm, model at {scale.headneck_model_spacing} mm. "
              f"Training distribution {asdict(HEADNECK_TRAIN)}; test {asdict(HEADNECK_TEST)}.",
              f"- Abdomen: ICRP 110 adult male, {scale.abdomen_train_cases} training and {scale.abdomen_test_cases} "
-             f"test cases (elastic variants of one anatomy), {scale.abdomen_spacing} mm. Training distribution "
-             f"{asdict(ABDOMEN_TRAIN)}; test {asdict(ABDOMEN_TEST)}.",
+             f"test cases ({ABDOMEN_ANATOMY_WORDS[args.abdomen_anatomy]}), {scale.abdomen_spacing} mm. Training "
+             f"distribution {asdict(ABDOMEN_TRAIN)}; test {asdict(abdomen_test_distribution(args.abdomen_anatomy))}.",
              f"- Training: `isseg train` {scale.headneck_train_steps} steps, patch {scale.headneck_patch} (head "
              f"and neck), {scale.abdomen_train_steps} steps, patch {scale.abdomen_patch} (abdomen), channels "
              f"{scale.train_channels}. Refinement options: `{' '.join(scale.refine_options) or 'defaults'}`."]

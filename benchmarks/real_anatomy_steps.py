@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+import anatomy_variation
 import synthetic_ct as sct
 from real_anatomy_jobs import Budget, Steps, isseg_command, process_pool, run_logged, say
 from real_anatomy_plans import (ABDOMEN_TEST, ABDOMEN_TRAIN, HEADNECK_TEST, HEADNECK_TRAIN, ISL_VARIANTS,
-                                Distribution, Scale, abdomen_case_plan, abdomen_label_names, headneck_case_plan,
+                                Distribution, Scale, abdomen_case_plan, abdomen_label_names, abdomen_test_distribution, headneck_case_plan,
                                 headneck_label_names, headneck_target)
 from real_anatomy_reports import compare_to_reference, real_ct_markdown, totalseg_mapping, write_csv
 
@@ -84,11 +85,35 @@ def _synth_job(job: dict) -> dict:
         tissue_hu = {int(k): v for k, v in json.loads(Path(job["tissue_hu"]).read_text(encoding="utf-8")).items()}
         phases = sct.ICRP_ENHANCEMENT_HU
         target = {i: value for value, (_, ids) in sct.ICRP_ABDOMEN_LABELS.items() for i in ids}
+    anatomy = {}
+    if distribution.organ_variation:
+        tissues, anatomy = _varied_anatomy(tissues, rng)
     image, labels = sct.make_case(tissues, tissue_hu, phases, target, settings, rng)
     entry = sct.write_msd_case(Path(job["out"]), job["case_id"], image, labels)
     return {"entry": entry, "case_id": job["case_id"],
-            "synthesis": {"source": job["source"], "seed": job["seed"], **asdict(settings),
+            "synthesis": {"source": job["source"], "seed": job["seed"], **asdict(settings), **anatomy,
                           "size": list(image.GetSize()), "spacing": list(image.GetSpacing())}}
+
+
+def _varied_anatomy(tissues, rng: np.random.Generator):
+    """The abdomen tissue map with its organs resized and moved (anatomy_variation), and what was drawn
+    and what it did: per organ the drawn and the resulting volume factor and centroid shift (x, y, z mm)."""
+    import SimpleITK as sitk
+
+    organs = anatomy_variation.icrp_abdomen_organs()
+    changes = anatomy_variation.draw_organ_changes(rng)
+    varied, folded = anatomy_variation.vary_anatomy(tissues, organs, changes)
+    before, after = sitk.GetArrayFromImage(tissues), sitk.GetArrayFromImage(varied)
+    spacing_zyx = np.array(tissues.GetSpacing()[::-1])
+    record = {}
+    for name, change in changes.items():
+        old, new = np.isin(before, organs[name]), np.isin(after, organs[name])
+        moved = (np.argwhere(new).mean(0) - np.argwhere(old).mean(0)) * spacing_zyx if new.any() else [np.nan] * 3
+        record[name] = {"volume_factor_drawn": round(change.scale ** 3, 3),
+                        "volume_factor": round(float(new.sum() / max(old.sum(), 1)), 3),
+                        "shift_mm_drawn": [round(v, 1) for v in change.shift_mm],
+                        "shift_mm": [round(float(v), 1) for v in moved[::-1]]}
+    return varied, {"organ_variation": record, "folded_fraction": folded}
 
 
 def synthesise(jobs: list[dict], out: Path, dataset: str, split: str, pool) -> Path:
@@ -130,7 +155,9 @@ def abdomen_jobs(ctx: RunContext) -> dict[tuple[str, str], list[dict]]:
     (ctx.work / "abdomen_plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
     return {("abdomen", split): [
         {**case, "dataset": "abdomen", "tissues": str(tissues_path), "tissue_hu": str(hu_path), "spacing": None,
-         "distribution": asdict(DISTRIBUTIONS[("abdomen", split)]), "out": str(ctx.work / "data" / f"abdomen_{split}")}
+         "distribution": asdict(abdomen_test_distribution(ctx.args.abdomen_anatomy) if split == "test"
+                                else DISTRIBUTIONS[("abdomen", split)]),
+         "out": str(ctx.work / "data" / f"abdomen_{split}")}
         for case in plan[split]] for split in ("train", "test")}
 
 
