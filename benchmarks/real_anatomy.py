@@ -15,7 +15,9 @@ predictions). Two steps, because the reference data and the GPU are on different
 
 `all` does both in one go where the data and the device are on one machine; `--scale cpu` runs the
 abdomen at 5 mm on a 2-core CPU in about half an hour (`--parts abdomen realct speed`); `--quick` is a tiny
-end-to-end smoke run for a CPU. Everything generated goes to --work (default
+end-to-end smoke run for a CPU. `--abdomen-anatomy varied` makes the abdomen test cases differ from the
+training body in anatomy too (organ sizes and positions, benchmarks/anatomy_variation.py), not only in
+acquisition and elastic deformation. Everything generated goes to --work (default
 ~/.cache/isseg-benchmarks/real-anatomy-<scale>, outside the repository); only small tables and
 figures go to --results (default benchmarks/results/; with --quick, WORK/results outside the repository).
 Every random choice is seeded (--seed); every command run is printed first.
