@@ -77,3 +77,13 @@ def test_draws_are_seeded_and_clipped_within_the_population_ranges():
         assert volumes.max() <= 1 + av.CLIP_SD * spread.volume_cv + 1e-9
         assert abs(volumes.std() / spread.volume_cv - 1) < 0.25
         assert np.all(np.abs(shifts) <= av.CLIP_SD * np.array(spread.position_sd_mm) + 1e-9)
+
+
+def test_the_record_gives_what_was_drawn_beside_what_the_map_shows():
+    tissues = tissue_map()
+    changes = {"big": av.OrganChange(1.25 ** (1 / 3), (-6.0, 0.0, -6.0))}
+    varied, _ = av.vary_anatomy(tissues, ORGANS, changes, falloff_mm=12.0)
+    record = av.measured_changes(tissues, varied, ORGANS, changes)["big"]
+    assert record["volume_factor_drawn"] == 1.25 and record["shift_mm_drawn"] == [-6.0, 0.0, -6.0]
+    assert abs(record["volume_factor"] - 1.25) < 0.1
+    np.testing.assert_allclose(record["shift_mm"], [-6.0, 0.0, -6.0], atol=1.5)

@@ -72,11 +72,16 @@ def draw_organ_changes(rng: np.random.Generator, variation: Mapping[str, OrganVa
     return changes
 
 
-def _moved_mask(mask: np.ndarray, shift_voxels: np.ndarray, scale: float, centre_voxels: np.ndarray) -> np.ndarray:
-    """Where the organ lies after its move: the voxels whose own pull-back lands inside `mask`."""
-    index = np.indices(mask.shape, dtype=np.float32)
-    source = centre_voxels[:, None, None, None] + (index - (centre_voxels + shift_voxels)[:, None, None, None]) / scale
-    return ndimage.map_coordinates(mask.astype(np.float32), source, order=1, mode="constant") >= 0.5
+def _centre_mm(mask: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
+    """(z, y, x) mm of the centroid of a non-empty mask, from the first voxel's centre."""
+    return np.argwhere(mask).mean(axis=0) * spacing_zyx
+
+
+def _moved_mask(mask: np.ndarray, source_voxels: np.ndarray) -> np.ndarray:
+    """Where the organ lies after its move: the voxels whose own pull-back (z, y, x, 3 source positions in
+    voxels) lands inside `mask`."""
+    return ndimage.map_coordinates(mask.astype(np.float32), np.moveaxis(source_voxels, -1, 0), order=1,
+                                   mode="constant") >= 0.5
 
 
 def _organ_weight(moved: np.ndarray, spacing_zyx: np.ndarray, plateau_mm: float, falloff_mm: float) -> np.ndarray:
@@ -101,10 +106,10 @@ def organ_displacement(ids: np.ndarray, spacing_zyx: np.ndarray, organs: Mapping
         mask = np.isin(ids, organs[name])
         if not mask.any():
             continue
-        centre = np.argwhere(mask).mean(axis=0) * spacing_zyx
+        centre = _centre_mm(mask, spacing_zyx)
         shift_zyx = np.array(change.shift_mm[::-1])
         own = (centre + (grid - centre - shift_zyx) / change.scale - grid).astype(np.float32)
-        moved = _moved_mask(mask, shift_zyx / spacing_zyx, change.scale, centre / spacing_zyx)
+        moved = _moved_mask(mask, (grid + own) / spacing_zyx)
         plateau = float(np.linalg.norm(own[moved], axis=-1).max()) if moved.any() else 0.0
         own_maps.append(own)
         weights.append(_organ_weight(moved, spacing_zyx, plateau, falloff_mm))
@@ -132,6 +137,23 @@ def vary_anatomy(tissues: sitk.Image, organs: Mapping[str, tuple[int, ...]], cha
     jacobian = sitk.GetArrayViewFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
     folded = float((jacobian <= 0).mean())
     return sct.warp(tissues, sitk.DisplacementFieldTransform(field), is_label=True), folded
+
+
+def measured_changes(before: sitk.Image, after: sitk.Image, organs: Mapping[str, tuple[int, ...]],
+                     changes: Mapping[str, OrganChange]) -> dict[str, dict]:
+    """Per organ of `changes`: the drawn volume factor and shift (x, y, z mm) beside what the varied map
+    `after` shows against `before` (they differ where a neighbour's move pulls on the organ)."""
+    old_ids, new_ids = sitk.GetArrayFromImage(before), sitk.GetArrayFromImage(after)
+    spacing_zyx = np.array(before.GetSpacing()[::-1])
+    record = {}
+    for name, change in changes.items():
+        old, new = np.isin(old_ids, organs[name]), np.isin(new_ids, organs[name])
+        moved = _centre_mm(new, spacing_zyx) - _centre_mm(old, spacing_zyx) if old.any() and new.any() else [np.nan] * 3
+        record[name] = {"volume_factor_drawn": round(change.scale ** 3, 3),
+                        "volume_factor": round(float(new.sum() / max(old.sum(), 1)), 3),
+                        "shift_mm_drawn": [round(v, 1) for v in change.shift_mm],
+                        "shift_mm": [round(float(v), 1) for v in moved[::-1]]}
+    return record
 
 
 def icrp_abdomen_organs() -> dict[str, tuple[int, ...]]:

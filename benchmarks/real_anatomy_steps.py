@@ -22,14 +22,13 @@ import numpy as np
 import anatomy_variation
 import synthetic_ct as sct
 from real_anatomy_jobs import Budget, Steps, isseg_command, process_pool, run_logged, say
-from real_anatomy_plans import (ABDOMEN_TEST, ABDOMEN_TRAIN, HEADNECK_TEST, HEADNECK_TRAIN, ISL_VARIANTS,
-                                Distribution, Scale, abdomen_case_plan, abdomen_label_names, abdomen_test_distribution, headneck_case_plan,
+from real_anatomy_plans import (ABDOMEN_TRAIN, HEADNECK_TEST, HEADNECK_TRAIN, ISL_VARIANTS, Distribution, Scale,
+                                abdomen_case_plan, abdomen_label_names, abdomen_test_distribution, headneck_case_plan,
                                 headneck_label_names, headneck_target)
 from real_anatomy_reports import compare_to_reference, real_ct_markdown, totalseg_mapping, write_csv
 
 DATASETS = ("headneck", "abdomen")
-DISTRIBUTIONS = {("headneck", "train"): HEADNECK_TRAIN, ("headneck", "test"): HEADNECK_TEST,
-                 ("abdomen", "train"): ABDOMEN_TRAIN, ("abdomen", "test"): ABDOMEN_TEST}
+HEADNECK_DISTRIBUTIONS = {"train": HEADNECK_TRAIN, "test": HEADNECK_TEST}
 
 
 @dataclass
@@ -96,24 +95,13 @@ def _synth_job(job: dict) -> dict:
 
 
 def _varied_anatomy(tissues, rng: np.random.Generator):
-    """The abdomen tissue map with its organs resized and moved (anatomy_variation), and what was drawn
-    and what it did: per organ the drawn and the resulting volume factor and centroid shift (x, y, z mm)."""
-    import SimpleITK as sitk
-
+    """The abdomen tissue map with its organs resized and moved (anatomy_variation), and the record of
+    what was drawn and what it did (anatomy_variation.measured_changes, the folded fraction)."""
     organs = anatomy_variation.icrp_abdomen_organs()
     changes = anatomy_variation.draw_organ_changes(rng)
     varied, folded = anatomy_variation.vary_anatomy(tissues, organs, changes)
-    before, after = sitk.GetArrayFromImage(tissues), sitk.GetArrayFromImage(varied)
-    spacing_zyx = np.array(tissues.GetSpacing()[::-1])
-    record = {}
-    for name, change in changes.items():
-        old, new = np.isin(before, organs[name]), np.isin(after, organs[name])
-        moved = (np.argwhere(new).mean(0) - np.argwhere(old).mean(0)) * spacing_zyx if new.any() else [np.nan] * 3
-        record[name] = {"volume_factor_drawn": round(change.scale ** 3, 3),
-                        "volume_factor": round(float(new.sum() / max(old.sum(), 1)), 3),
-                        "shift_mm_drawn": [round(v, 1) for v in change.shift_mm],
-                        "shift_mm": [round(float(v), 1) for v in moved[::-1]]}
-    return varied, {"organ_variation": record, "folded_fraction": folded}
+    return varied, {"organ_variation": anatomy_variation.measured_changes(tissues, varied, organs, changes),
+                    "folded_fraction": folded}
 
 
 def synthesise(jobs: list[dict], out: Path, dataset: str, split: str, pool) -> Path:
@@ -137,7 +125,7 @@ def headneck_jobs(ctx: RunContext) -> dict[tuple[str, str], list[dict]]:
     (ctx.work / "headneck_plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
     return {("headneck", split): [
         {**case, "dataset": "headneck", "tissues": str(ctx.bundle / "headneck_tissues" / f"{case['source']}.nii.gz"),
-         "spacing": list(ctx.scale.headneck_synth_spacing), "distribution": asdict(DISTRIBUTIONS[("headneck", split)]),
+         "spacing": list(ctx.scale.headneck_synth_spacing), "distribution": asdict(HEADNECK_DISTRIBUTIONS[split]),
          "out": str(ctx.work / "data" / f"headneck_{split}")} for case in plan[split]] for split in ("train", "test")}
 
 
@@ -153,11 +141,10 @@ def abdomen_jobs(ctx: RunContext) -> dict[tuple[str, str], list[dict]]:
     hu_path.write_text(json.dumps({str(k): v for k, v in hu.items()}), encoding="utf-8")
     plan = abdomen_case_plan(ctx.scale, ctx.args.seed)
     (ctx.work / "abdomen_plan.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
+    distributions = {"train": ABDOMEN_TRAIN, "test": abdomen_test_distribution(ctx.args.abdomen_anatomy)}
     return {("abdomen", split): [
         {**case, "dataset": "abdomen", "tissues": str(tissues_path), "tissue_hu": str(hu_path), "spacing": None,
-         "distribution": asdict(abdomen_test_distribution(ctx.args.abdomen_anatomy) if split == "test"
-                                else DISTRIBUTIONS[("abdomen", split)]),
-         "out": str(ctx.work / "data" / f"abdomen_{split}")}
+         "distribution": asdict(distributions[split]), "out": str(ctx.work / "data" / f"abdomen_{split}")}
         for case in plan[split]] for split in ("train", "test")}
 
 
