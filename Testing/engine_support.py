@@ -122,3 +122,16 @@ class LiveWorker:
     def stderr(self) -> str:
         with open(self.stderr_path, encoding="utf-8") as stream:
             return stream.read()[-3000:]
+
+
+def train_tiny_model(folder, *options: str) -> int:
+    """`isseg train` on three coarse phantoms (48 x 48 x 32 voxels of 8 mm) for two steps, no validation, into
+    folder/package, with `options` added; the exit code. Seconds on a CPU: for tests of what training does."""
+    from isseg import cli, phantom
+
+    specs = [phantom.training_spec(seed, size=(48, 48, 32), spacing=(8.0, 8.0, 8.0)) for seed in range(3)]
+    dataset = phantom.write_msd_dataset(folder / "dataset", specs)
+    return cli.main(["train", "--dataset", str(dataset), "--output", str(folder / "package"), *options,
+                     "--spacing", "8", "8", "8", "--patch", "32", "32", "16", "--channels", "4", "8", "16",
+                     "--steps", "2", "--evaluate-every", "2", "--validation-fraction", "0", "--device", "cpu",
+                     "--progress", "json"])

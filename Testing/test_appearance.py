@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from isseg import cli, model_package, phantom
+from engine_support import train_tiny_model
+from isseg import model_package, phantom
 from isseg.appearance import (PHASE_ENHANCEMENT_HU, AppearanceRandomizer, AppearanceSettings, RandThickSlices,
                               phase_offsets_hu, random_tissue_values)
 from isseg.preprocess import image_tensor
@@ -102,8 +103,6 @@ def test_random_tissue_values_keep_air_and_follow_the_seed():
 
 
 def test_isseg_train_with_randomize_appearance_randomises_every_step_and_records_it(tmp_path, monkeypatch):
-    specs = [phantom.training_spec(seed, size=(48, 48, 32), spacing=(8.0, 8.0, 8.0)) for seed in range(3)]
-    dataset = phantom.write_msd_dataset(tmp_path / "dataset", specs)
     calls = []
     randomize = AppearanceRandomizer.__call__
 
@@ -114,11 +113,7 @@ def test_isseg_train_with_randomize_appearance_randomises_every_step_and_records
         return result
 
     monkeypatch.setattr(AppearanceRandomizer, "__call__", counted)
-    exit_code = cli.main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "package"),
-                          "--randomize-appearance", "--spacing", "8", "8", "8", "--patch", "32", "32", "16",
-                          "--channels", "4", "8", "16", "--steps", "2", "--evaluate-every", "2",
-                          "--validation-fraction", "0", "--device", "cpu", "--progress", "json"])
-    assert exit_code == EXIT_DONE
+    assert train_tiny_model(tmp_path, "--randomize-appearance") == EXIT_DONE
     assert calls == [True, True]  # one randomised batch per step, its labels untouched
     config = model_package.load(tmp_path / "package").config
     assert config["training"]["settings"]["randomize_appearance"] is True

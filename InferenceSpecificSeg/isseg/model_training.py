@@ -24,6 +24,7 @@ import torch
 
 from . import model_package, protocol
 from .appearance import AppearanceRandomizer
+from .short_scans import ShortScanCutter
 from .datasets import read_labelled_case, read_msd_dataset
 from .device import network_to, resolve_device
 from .errors import BadInputError
@@ -57,6 +58,7 @@ class TrainSettings:
     evaluate_every: int = 100
     seed: int = 0
     randomize_appearance: bool = False
+    short_scan_probability: float = 0.0
     patches: PatchSettings = field(default_factory=lambda: PatchSettings(intensity_scale=0.05, intensity_shift=0.02))
 
 
@@ -211,6 +213,7 @@ def _train(training: _Training, train_cases: list[LabelledCase], validation: lis
     loss_function = segmentation_loss(settings.loss)
     patch = zyx(settings.patch_size)
     appearance = AppearanceRandomizer(names, settings.intensity_window) if settings.randomize_appearance else None
+    short_scans = ShortScanCutter(settings.short_scan_probability, patch) if settings.short_scan_probability else None
     sampler = PatchSampler(_pad_to_common(train_images, 0.0), _pad_to_common(train_labels, 0), patch, settings.patches,
                            training.rng, device)
     clock = RunClock(settings.steps - training.start_step)
@@ -218,7 +221,7 @@ def _train(training: _Training, train_cases: list[LabelledCase], validation: lis
     recent_losses, recent_seconds = [], 0.0
     for step in range(training.start_step + 1, settings.steps + 1):
         started = time.monotonic()
-        loss = train_step(training.network, training.optimizer, loss_function, sampler, device, appearance)
+        loss = train_step(training.network, training.optimizer, loss_function, sampler, device, appearance, short_scans)
         training.scheduler.step()
         recent_seconds += time.monotonic() - started
         recent_losses.append(loss)

@@ -102,14 +102,18 @@ class PatchSampler:
 
 
 def train_step(network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_function: torch.nn.Module,
-               sampler: PatchSampler, device: torch.device, appearance=None) -> float:
+               sampler: PatchSampler, device: torch.device, appearance=None, short_scans=None) -> float:
     """One optimiser step on a fresh batch of patches of `sampler` (on `device`); returns the loss value.
     `appearance`, when given, is a callable (patches, labels, rng) -> patches applied after the intensity
-    augmentation (isseg.appearance.AppearanceRandomizer)."""
+    augmentation (isseg.appearance.AppearanceRandomizer); `short_scans`, a callable (patches, labels, rng) ->
+    (patches, labels) applied last, as the sliding window's padding comes after the scanner
+    (isseg.short_scans.ShortScanCutter)."""
     network.train()
     image_patches, label_patches = sampler.sample()
     if appearance is not None:
         image_patches = appearance(image_patches, label_patches, sampler.rng)
+    if short_scans is not None:
+        image_patches, label_patches = short_scans(image_patches, label_patches, sampler.rng)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = network(image_patches)

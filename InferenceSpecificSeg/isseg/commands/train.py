@@ -33,6 +33,9 @@ def register(commands) -> None:
                         help="draw each patch's appearance anew: contrast phase and random intensity per label, "
                              "bias field, Gibbs ringing, blur, lower resolution, thick slices, gamma, noise "
                              "(isseg.appearance)")
+    parser.add_argument("--short-scans", type=float, default=defaults.short_scan_probability, metavar="PROBABILITY",
+                        help="cut this share of the patches to a random axial slab padded as the sliding window pads "
+                             "a CT thinner than the patch (isseg.short_scans; default %(default)s)")
     parser.add_argument("--device", choices=protocol.DEVICES, default=protocol.DEFAULT_DEVICE)
     parser.add_argument("--seed", type=int, default=0)
     add_progress_option(parser)
@@ -44,6 +47,6 @@ def run(args) -> int:
                              channels=tuple(args.channels), steps=args.steps, learning_rate=args.learning_rate,
                              loss=args.loss, validation_fraction=args.validation_fraction,
                              evaluate_every=args.evaluate_every, seed=args.seed,
-                             randomize_appearance=args.randomize_appearance)
+                             randomize_appearance=args.randomize_appearance, short_scan_probability=args.short_scans)
     train_package(Path(args.dataset), Path(args.output), settings, events_for(args), args.device, args.name)
     return EXIT_DONE
