@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Inference-specific learning against its baselines on shifted phantoms (the phantom table of BENCHMARKS.md).
 #
-#   benchmarks/evaluate_phantoms.sh [--work DIR] [--cases N] [--device auto|cpu|cuda] [isseg evaluate options...]
+#   benchmarks/evaluate_phantoms.sh [--work DIR] [--cases N] [--device auto|cpu|cuda] [--model PACKAGE]
+#                                   [isseg evaluate options...]
 #
 # Generates N phantoms (default 12) with isseg.phantom.shifted_spec, seeds 2000, 2001, ... (late
 # arterial phase, more noise and anatomical variation, shifted field of view: unlike the demo model's
 # portal-venous training phantoms, seeds 1000-1009), as an MSD folder DIR/cases, then runs
-# `isseg evaluate` with the built-in demo model and every variant into DIR/evaluation
+# `isseg evaluate` with the built-in demo model (or the package of --model, e.g. the real-anatomy model of
+# scripts/train_realct_model.py) and every variant into DIR/evaluation
 # (summary.md, metrics.csv, dice_boxplot.png, settings.json). DIR defaults to
 # /tmp/isseg-phantom-benchmark, outside the repository. Other options go to `isseg evaluate`
 # (e.g. --steps 80 --seed 1). Every case and the refinement are seeded: a rerun repeats the numbers.
@@ -20,11 +22,13 @@ set -euo pipefail
 work=/tmp/isseg-phantom-benchmark
 cases=12
 device=auto
+model=demo
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --work) work=$2; shift 2 ;;
         --cases) cases=$2; shift 2 ;;
         --device) device=$2; shift 2 ;;
+        --model) model=$2; shift 2 ;;
         *) break ;;
     esac
 done
@@ -40,6 +44,6 @@ phantom.write_msd_dataset(folder, [phantom.shifted_spec(seed) for seed in range(
                           name="shifted phantoms")
 EOF
 
-python -m isseg.cli evaluate --cases "$work/cases" --model demo --output "$work/evaluation" \
+python -m isseg.cli evaluate --cases "$work/cases" --model "$model" --output "$work/evaluation" \
     --device "$device" "$@"
 echo "Results: $work/evaluation/summary.md"

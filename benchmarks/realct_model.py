@@ -10,8 +10,10 @@ for the MODEL:CASE pairs of --refine, the first mask alone for the others; Dice 
 figure of the first named model's masks (real_ct_masks.png).
 
 `anatomy`: the first masks of each model (no refinement) on anatomy it may not have seen: shifted
-procedural phantoms (isseg.phantom.shifted_spec, seeds 2000...) and synthetic CT of the ICRP adult
-male (held-out seeds), Dice on the organs both kinds of case have (anatomy.md, anatomy.csv).
+procedural phantoms (isseg.phantom.shifted_spec, seeds 2000...), synthetic CT of the ICRP adult male
+(held-out seeds), the same cases cut to a 40 mm slab through the spleen (a short scan like the real CT), and
+the same body with its organs resized and moved (anatomy_variation); Dice on the organs every kind of case
+has (anatomy.md, anatomy.csv).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS_DIR))
 sys.path.insert(0, str(BENCHMARKS_DIR.parent / "scripts"))
 
+import anatomy_variation as variation  # noqa: E402
 import real_anatomy_jobs as jobs  # noqa: E402
 import real_anatomy_reports as reports  # noqa: E402
 from real_anatomy_plans import TOTALSEG_NAME  # noqa: E402
@@ -43,6 +46,7 @@ from isseg.reporting import format_number  # noqa: E402
 #: Organs of the procedural phantoms, which the ICRP cases have too (values of isseg.phantom).
 SHARED_ORGANS = dict(enumerate(phantom.ORGAN_NAMES, start=1))
 ANATOMY_TEST_SEED = 9  # ICRP test cases: rng [9, index], apart from the recipe's training seeds [0, ...]
+SLAB_MM = 40.0  # the axial extent of the real 20-slice abdominal CT beside the project
 
 
 def real_cases(data_dir: Path) -> list[dict]:
@@ -175,19 +179,37 @@ def mask_figure(image: sitk.Image, masks: dict, reference: np.ndarray, names: di
 
 
 def anatomy_test_cases(data_dir: Path, count: int) -> list[tuple[str, str, sitk.Image, sitk.Image]]:
-    """(kind, id, image HU, labels with SHARED_ORGANS values) of both test sets."""
+    """(kind, id, image HU, labels with SHARED_ORGANS values) of the four test sets: shifted phantoms, the
+    ICRP body as it is, its 40 mm slabs through the spleen, and the ICRP body with its organs resized and
+    moved within population ranges (anatomy_variation: patient-to-patient anatomy the models never saw)."""
     cases = []
     for seed in range(2000, 2000 + count):
         case = phantom.generate(phantom.shifted_spec(seed))
         cases.append(("phantoms (shifted)", f"phantom_{seed}", case.image, case.labels))
     trunk = recipe.icrp_trunk(data_dir / "icrp110", (4.0, 4.0, 4.0))
     tissue_hu = sct.icrp_tissue_hu(data_dir / "icrp110")
-    for index in range(count):
-        rng = np.random.default_rng([ANATOMY_TEST_SEED, index])
-        phase = list(sct.ICRP_ENHANCEMENT_HU)[index % len(sct.ICRP_ENHANCEMENT_HU)]
-        image, labels, _ = recipe.icrp_case(trunk, tissue_hu, rng, recipe.ATLAS_VARIATION, phase, atlas=True)
-        cases.append(("ICRP adult male", f"icrp_test_{index:02d}", image, labels))
+    for kind, tag in (("ICRP adult male", "icrp_test"), ("ICRP, organs varied", "icrp_varied")):
+        for index in range(count):
+            rng = np.random.default_rng([ANATOMY_TEST_SEED, index])
+            body = trunk
+            if tag == "icrp_varied":
+                changes = variation.draw_organ_changes(np.random.default_rng([ANATOMY_TEST_SEED, 100 + index]))
+                body, _ = variation.vary_anatomy(trunk, variation.icrp_abdomen_organs(), changes)
+            phase = list(sct.ICRP_ENHANCEMENT_HU)[index % len(sct.ICRP_ENHANCEMENT_HU)]
+            image, labels, _ = recipe.icrp_case(body, tissue_hu, rng, recipe.ATLAS_VARIATION, phase, atlas=True)
+            cases.append((kind, f"{tag}_{index:02d}", image, labels))
+            if tag == "icrp_test":
+                cases.append(("ICRP, 40 mm slab", f"icrp_slab_{index:02d}", *spleen_slab(image, labels)))
     return cases
+
+
+def spleen_slab(image: sitk.Image, labels: sitk.Image, length_mm: float = SLAB_MM) -> tuple[sitk.Image, sitk.Image]:
+    """The axial slab of `length_mm` centred on the spleen: a short scan like the 20-slice real CT."""
+    spleen_z = np.argwhere((sitk.GetArrayViewFromImage(labels) == 2).any(axis=(1, 2)))[:, 0]
+    size = list(image.GetSize())
+    depth = max(1, int(round(length_mm / image.GetSpacing()[2])))
+    start = int(np.clip((spleen_z.min() + spleen_z.max()) // 2 - depth // 2, 0, size[2] - depth))
+    return tuple(sitk.RegionOfInterest(volume, [size[0], size[1], depth], [0, 0, start]) for volume in (image, labels))
 
 
 def first_mask(package: model_package.ModelPackage, network, image: sitk.Image) -> np.ndarray:

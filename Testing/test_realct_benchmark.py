@@ -1,0 +1,34 @@
+"""benchmarks/realct_model.py, the test sets of the real-anatomy model's "anatomy" measurement, on the stand-in
+ICRP body (Testing/icrp_support.py): each kind is there, the short scan is a 40 mm slab through the spleen,
+and the varied body differs from the plain one in its organs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from icrp_support import write_fake_icrp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import realct_model  # noqa: E402
+
+
+def test_the_anatomy_test_sets_hold_shifted_phantoms_the_body_its_slabs_and_varied_organs(tmp_path):
+    write_fake_icrp(tmp_path / "icrp110")
+    cases = realct_model.anatomy_test_cases(tmp_path, 1)
+    by_kind = {kind: (case_id, image, labels) for kind, case_id, image, labels in cases}
+    assert list(by_kind) == ["phantoms (shifted)", "ICRP adult male", "ICRP, 40 mm slab", "ICRP, organs varied"]
+    _, body, body_labels = by_kind["ICRP adult male"]
+    _, slab, slab_labels = by_kind["ICRP, 40 mm slab"]
+    assert slab.GetSize()[2] * slab.GetSpacing()[2] == realct_model.SLAB_MM < body.GetSize()[2] * body.GetSpacing()[2]
+    assert slab.GetSize()[:2] == body.GetSize()[:2] and (sitk.GetArrayViewFromImage(slab_labels) == 2).any()
+    # The slab is the body's own voxels at their own place, not a resampled copy.
+    index = body.TransformPhysicalPointToIndex(slab.GetOrigin())
+    assert np.array_equal(sitk.GetArrayFromImage(slab),
+                          sitk.GetArrayFromImage(body)[index[2]:index[2] + slab.GetSize()[2]])
+    _, _, varied_labels = by_kind["ICRP, organs varied"]
+    volumes = [np.bincount(sitk.GetArrayViewFromImage(v).ravel(), minlength=9)[1:] for v in (body_labels, varied_labels)]
+    assert not np.array_equal(*volumes)  # organs resized
