@@ -37,6 +37,7 @@ from real_anatomy_plans import TOTALSEG_NAME  # noqa: E402
 import synthetic_ct as sct  # noqa: E402
 import train_realct_model as recipe  # noqa: E402
 from isseg import model_package, phantom  # noqa: E402
+from isseg.commands.options import resolve_model  # noqa: E402
 from isseg.io import read_image, resample_to  # noqa: E402
 from isseg.metrics import dice_per_label  # noqa: E402
 from isseg.networks import predict_probabilities  # noqa: E402
@@ -281,6 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.model = [(name, str(resolve_model(package))) for name, package in args.model]
     if args.refine is None:
         args.refine = [(name, case) for name, _ in args.model for case in ("abdomen_dicom", "chest_b")]
     (run_real if args.part == "real" else run_anatomy)(args)

@@ -1,6 +1,6 @@
 """Build the real-anatomy abdomen model from ../shared/data into the user's cache (offline, seeded).
 
-    python scripts/train_realct_model.py [--data-dir ../shared/data] [--output DIR] [--steps 1000] [--device auto]
+    python scripts/train_realct_model.py [--data-dir ../shared/data] [--output DIR] [--steps 3000] [--device auto]
 
 The model the Slicer user should try on a real CT (Slicer's "CTA abdomen (Panoramix)", "CTLiver"):
 a UNet trained on the anatomy of a real body, the ICRP Publication 110 adult male (a label map drawn
@@ -12,7 +12,9 @@ scanner's image is one more variant (the SynthSeg idea):
 - appearance when synthesising (benchmarks/synthetic_ct.py: HU from density and composition): a
   random contrast phase with random strength, a random HU offset per tissue, gas in the stomach,
   random noise and scanner blur;
-- appearance per training patch: `isseg train --randomize-appearance` (isseg.appearance).
+- appearance per training patch: `isseg train --randomize-appearance` (isseg.appearance);
+- short scans: a share of the patches cut to a random axial slab padded as the sliding window pads a CT
+  thinner than the patch (`isseg train --short-scans`, isseg.short_scans), as the 20-slice real CT is.
 
 The atlas for inference-specific learning is 6 ICRP cases of the upper abdomen (portal venous phase)
 at the model spacing, written into the package. Weights trained on the ICRP data are not shipped (its
@@ -45,7 +47,7 @@ from isseg.appearance import random_tissue_values  # noqa: E402
 from isseg.events import EventWriter  # noqa: E402
 from isseg.model_training import TrainSettings, train_package  # noqa: E402
 
-VERSION = "1.0"
+VERSION = "2.0"
 #: The model's labels; values 1..6 are those of the procedural phantoms (isseg.phantom.ORGAN_NAMES).
 LABELS = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right", 5: "aorta", 6: "gallbladder",
           7: "stomach", 8: "pancreas"}
@@ -68,16 +70,17 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 #: Measured with the recipe of "recipe" (BENCHMARKS.md section 7): Dice against TotalSegmentator's labels on
 #: the real 20-slice abdominal CT beside the project, first mask -> after `isseg refine` (defaults). A model
 #: built with other settings gets these figures in its card only as those of that other recipe.
-MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7 (benchmarks/realct_model.py)",
-                     "code": "built on main at 281368b; since then isseg.appearance gained thick slices and "
-                             "truncated label offsets, and the fine-tuning patches changed (issue 13): a rebuild "
-                             "with this recipe is a similar model, not the same one",
-                     "recipe": {"seed": 0, "steps": 1000, "spacing_mm": [4.0, 4.0, 4.0], "patch": [64, 64, 32],
-                                "icrp_cases": 20, "phantom_cases": 8},
-                     "real_abdominal_ct_dice": {"liver": [0.511, 0.902], "stomach": [0.0, 0.536],
-                                                "spleen": [0.0, 0.018], "aorta": [0.001, 0.043]},
-                     "real_chest_ct_aorta_dice_first_mask": 0.178,
-                     "synthetic_first_mask_dice": {"icrp_body": 0.720, "shifted_phantoms": 0.568}}
+MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.0 (benchmarks/realct_model.py)",
+                     "code": "built on main at c43a7f9, 2026-12-04",
+                     "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
+                                "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25},
+                     "real_abdominal_ct_dice": {"liver": [0.905, 0.917], "aorta": [0.618, 0.216],
+                                                "stomach": [0.373, 0.349], "spleen": [0.136, 0.022]},
+                     "real_abdominal_ct_dice_after_isl_with_intensity_alignment": {"liver": 0.927, "aorta": 0.633,
+                                                                                   "spleen": 0.008},
+                     "real_chest_ct_aorta_dice_first_mask": 0.147,
+                     "synthetic_first_mask_dice": {"icrp_body": 0.852, "icrp_body_40mm_slab": 0.671,
+                                                   "icrp_body_organs_varied": 0.818, "shifted_phantoms": 0.656}}
 
 
 @dataclass(frozen=True)
@@ -232,7 +235,8 @@ def atlas_cases(data_dir: Path, spacing, count: int, seed: int) -> list[tuple[st
 def recipe_of(args) -> dict:
     """The settings that decide the model (what MEASURED_ACCURACY["recipe"] records)."""
     return {"seed": args.seed, "steps": args.steps, "spacing_mm": [float(v) for v in args.spacing],
-            "patch": list(args.patch), "icrp_cases": args.icrp_cases, "phantom_cases": args.phantom_cases}
+            "patch": list(args.patch), "icrp_cases": args.icrp_cases, "phantom_cases": args.phantom_cases,
+            "short_scans": args.short_scans}
 
 
 def rebuild_command(args) -> str:
@@ -240,7 +244,7 @@ def rebuild_command(args) -> str:
     return ("PYTHONPATH=InferenceSpecificSeg python scripts/train_realct_model.py --data-dir DATA "
             f"--seed {args.seed} --steps {args.steps} --spacing {' '.join(f'{v:g}' for v in args.spacing)} "
             f"--patch {' '.join(map(str, args.patch))} --icrp-cases {args.icrp_cases} "
-            f"--phantom-cases {args.phantom_cases} --atlas-cases {args.atlas_cases}")
+            f"--phantom-cases {args.phantom_cases} --atlas-cases {args.atlas_cases} --short-scans {args.short_scans:g}")
 
 
 def model_card(config: dict, args, records: dict, minutes: float) -> dict:
@@ -253,7 +257,8 @@ def model_card(config: dict, args, records: dict, minutes: float) -> dict:
         "training_data": f"{args.icrp_cases} synthetic CTs of the ICRP Publication 110 adult male (one real "
                          "body's anatomy; affine and elastic deformation, fields of view from the pelvis to the "
                          f"lower chest, random phase and tissue intensities) and {args.phantom_cases} procedural "
-                         "phantoms (isseg.phantom); appearance re-randomised per patch (isseg.appearance).",
+                         "phantoms (isseg.phantom); appearance re-randomised per patch (isseg.appearance), a share of the "
+                         f"patches ({args.short_scans:g}) cut to short scans (isseg.short_scans).",
         "atlas": f"{args.atlas_cases} ICRP upper-abdomen cases, portal venous phase, at the model spacing.",
         "limitations": "One body's anatomy (an adult male, arms down): other bodies, women, children, pathology "
                        "and metal are unseen; labels follow the ICRP segmentation, not a clinical guideline.",
@@ -272,12 +277,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=sct.DEFAULT_DATA_DIR, help="folder holding icrp110/")
     parser.add_argument("--output", type=Path, default=None, help="package folder (default: in the isseg cache)")
-    parser.add_argument("--icrp-cases", type=int, default=20)
+    parser.add_argument("--icrp-cases", type=int, default=30)
     parser.add_argument("--phantom-cases", type=int, default=8)
     parser.add_argument("--atlas-cases", type=int, default=6)
-    parser.add_argument("--spacing", type=float, nargs=3, default=(4.0, 4.0, 4.0))
-    parser.add_argument("--patch", type=int, nargs=3, default=(64, 64, 32))
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--spacing", type=float, nargs=3, default=(3.0, 3.0, 3.0))
+    parser.add_argument("--patch", type=int, nargs=3, default=(80, 80, 40))
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--short-scans", type=float, default=0.25,
+                        help="share of the training patches cut to a short scan (isseg.short_scans)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
@@ -289,7 +296,8 @@ def build(args, work: Path, started: float) -> Path:
     records = write_dataset(dataset, args.data_dir, tuple(args.spacing), args.icrp_cases, args.phantom_cases,
                             args.seed)
     settings = TrainSettings(spacing=tuple(args.spacing), patch_size=tuple(args.patch), steps=args.steps,
-                             evaluate_every=max(1, args.steps // 4), seed=args.seed, randomize_appearance=True)
+                             evaluate_every=max(1, args.steps // 4), seed=args.seed, randomize_appearance=True,
+                             short_scan_probability=args.short_scans)
     train_package(dataset, package, settings, EventWriter(mode="bar"), args.device,
                   name="Abdomen, real anatomy (ICRP 110)",
                   description="Small UNet trained on the real anatomy of the ICRP adult male phantom and on "
