@@ -32,3 +32,13 @@ def test_the_anatomy_test_sets_hold_shifted_phantoms_the_body_its_slabs_and_vari
     _, _, varied_labels = by_kind["ICRP, organs varied"]
     volumes = [np.bincount(sitk.GetArrayViewFromImage(v).ravel(), minlength=9)[1:] for v in (body_labels, varied_labels)]
     assert not np.array_equal(*volumes)  # organs resized
+
+
+def test_the_anatomy_measurement_runs_the_built_in_demo_model_by_name(tmp_path):
+    write_fake_icrp(tmp_path / "icrp110")
+    results = tmp_path / "results"
+    assert realct_model.main(["anatomy", "--model", "demo=demo", "--cases", "1", "--data-dir", str(tmp_path),
+                              "--results", str(results)]) == 0
+    table = (results / "anatomy.md").read_text(encoding="utf-8")
+    assert table.startswith("| model | Dice on phantoms (shifted) | Dice on ICRP adult male | Dice on ICRP, 40 mm slab")
+    assert "| demo | " in table
