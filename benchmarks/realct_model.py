@@ -48,6 +48,7 @@ from isseg.reporting import format_number  # noqa: E402
 SHARED_ORGANS = dict(enumerate(phantom.ORGAN_NAMES, start=1))
 ANATOMY_TEST_SEED = 9  # ICRP test cases: rng [9, index], apart from the recipe's training seeds [0, ...]
 SLAB_MM = 40.0  # the axial extent of the real 20-slice abdominal CT beside the project
+SPLEEN = next(value for value, name in recipe.LABELS.items() if name == "spleen")
 
 
 def real_cases(data_dir: Path) -> list[dict]:
@@ -189,24 +190,29 @@ def anatomy_test_cases(data_dir: Path, count: int) -> list[tuple[str, str, sitk.
         cases.append(("phantoms (shifted)", f"phantom_{seed}", case.image, case.labels))
     trunk = recipe.icrp_trunk(data_dir / "icrp110", (4.0, 4.0, 4.0))
     tissue_hu = sct.icrp_tissue_hu(data_dir / "icrp110")
-    for kind, tag in (("ICRP adult male", "icrp_test"), ("ICRP, organs varied", "icrp_varied")):
-        for index in range(count):
-            rng = np.random.default_rng([ANATOMY_TEST_SEED, index])
-            body = trunk
-            if tag == "icrp_varied":
-                changes = variation.draw_organ_changes(np.random.default_rng([ANATOMY_TEST_SEED, 100 + index]))
-                body, _ = variation.vary_anatomy(trunk, variation.icrp_abdomen_organs(), changes)
-            phase = list(sct.ICRP_ENHANCEMENT_HU)[index % len(sct.ICRP_ENHANCEMENT_HU)]
-            image, labels, _ = recipe.icrp_case(body, tissue_hu, rng, recipe.ATLAS_VARIATION, phase, atlas=True)
-            cases.append((kind, f"{tag}_{index:02d}", image, labels))
-            if tag == "icrp_test":
-                cases.append(("ICRP, 40 mm slab", f"icrp_slab_{index:02d}", *spleen_slab(image, labels)))
+    for index in range(count):
+        image, labels = icrp_test_case(trunk, tissue_hu, index)
+        cases.append(("ICRP adult male", f"icrp_test_{index:02d}", image, labels))
+        cases.append(("ICRP, 40 mm slab", f"icrp_slab_{index:02d}", *spleen_slab(image, labels)))
+    for index in range(count):
+        changes = variation.draw_organ_changes(np.random.default_rng([ANATOMY_TEST_SEED, 100 + index]))
+        varied, _ = variation.vary_anatomy(trunk, variation.icrp_abdomen_organs(), changes)
+        cases.append(("ICRP, organs varied", f"icrp_varied_{index:02d}", *icrp_test_case(varied, tissue_hu, index)))
     return cases
+
+
+def icrp_test_case(body: sitk.Image, tissue_hu: dict, index: int) -> tuple[sitk.Image, sitk.Image]:
+    """(image HU, labels) of held-out test case `index` made from an ICRP tissue map: the upper abdomen, mild
+    deformation, the phases in turn (seed [ANATOMY_TEST_SEED, index])."""
+    rng = np.random.default_rng([ANATOMY_TEST_SEED, index])
+    phase = list(sct.ICRP_ENHANCEMENT_HU)[index % len(sct.ICRP_ENHANCEMENT_HU)]
+    image, labels, _ = recipe.icrp_case(body, tissue_hu, rng, recipe.ATLAS_VARIATION, phase, atlas=True)
+    return image, labels
 
 
 def spleen_slab(image: sitk.Image, labels: sitk.Image, length_mm: float = SLAB_MM) -> tuple[sitk.Image, sitk.Image]:
     """The axial slab of `length_mm` centred on the spleen: a short scan like the 20-slice real CT."""
-    spleen_z = np.argwhere((sitk.GetArrayViewFromImage(labels) == 2).any(axis=(1, 2)))[:, 0]
+    spleen_z = np.argwhere((sitk.GetArrayViewFromImage(labels) == SPLEEN).any(axis=(1, 2)))[:, 0]
     size = list(image.GetSize())
     depth = max(1, int(round(length_mm / image.GetSpacing()[2])))
     start = int(np.clip((spleen_z.min() + spleen_z.max()) // 2 - depth // 2, 0, size[2] - depth))

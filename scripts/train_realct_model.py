@@ -71,7 +71,7 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 #: the real 20-slice abdominal CT beside the project, first mask -> after `isseg refine` (defaults). A model
 #: built with other settings gets these figures in its card only as those of that other recipe.
 MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.0 (benchmarks/realct_model.py)",
-                     "code": "built on main at c43a7f9, 2026-12-04",
+                     "code": "built 2026-12-04 with the engine of c43a7f9 and this recipe as committed in 7411ecc",
                      "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
                                 "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25},
                      "real_abdominal_ct_dice": {"liver": [0.905, 0.917], "aorta": [0.618, 0.216],
