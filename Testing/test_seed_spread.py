@@ -37,3 +37,14 @@ def test_spread_over_seeds_per_organ_and_the_paired_test(tmp_path):
     text = seed_spread.report(tmp_path, [0, 1, 2], ["python", "benchmarks/seed_spread.py"])
     assert "1 cases, seeds [0, 1, 2]" in text and "over 2 (case, organ) pairs" in text
     assert "| **all organs** | 0.0100 |" in text
+
+
+def test_pairs_hold_the_sd_of_each_case_and_organ_for_pooling(tmp_path):
+    for seed, (moving, last) in enumerate([(0.90, 0.86), (0.92, 0.92), (0.91, 0.89)]):
+        write_metrics(tmp_path / f"seed_{seed}", [
+            ("c1", "isl_mask", "liver", moving), ("c1", "isl_mask_last_iterate", "liver", last),
+            ("c2", "isl_mask", "liver", moving - 0.1)])
+    rows = seed_spread.pair_rows(seed_spread.dice_by_seed(tmp_path, [0, 1, 2]))
+    assert [row[:2] for row in rows] == [["c1", "liver"], ["c2", "liver"]]
+    assert rows[0][2:] == pytest.approx([np.std([0.90, 0.92, 0.91], ddof=1), np.std([0.86, 0.92, 0.89], ddof=1)])
+    assert rows[1][2] == pytest.approx(0.01) and rows[1][3] is None  # the last iterate never scored c2

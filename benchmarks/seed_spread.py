@@ -8,7 +8,8 @@ once per seed (WORK/seed_<S>/, resumable), then reports per organ the standard d
 each case's Dice (sample SD), its mean over the cases, for the moving average (isl_mask) and the last
 iterate (isl_mask_last_iterate), with the Wilcoxon test paired over (case, organ) of the two SDs; and the
 mean Dice of each. The seed changes the patch sampling, the augmentation and the order of the atlas
-cases, not the case or the model. Writes WORK/seed_spread.md and prints it.
+cases, not the case or the model. Writes WORK/seed_spread.md (printed) and WORK/seed_spread_pairs.csv
+(the SD of every (case, organ) pair, both methods), so that runs on other cases can be pooled.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def dice_by_seed(work: Path, seeds: list[int]) -> dict[tuple[str, str, str], lis
     return table
 
 
+def seed_sd(values: np.ndarray) -> float | None:
+    """Sample SD over the seeds that scored (None with fewer than two)."""
+    scored = values[~np.isnan(values)]
+    return float(np.std(scored, ddof=1)) if scored.size >= 2 else None
+
+
 def spread_rows(table: dict[tuple[str, str, str], list[float]]) -> tuple[list[list], dict]:
     """Per organ: mean over cases of the SD over seeds and the mean Dice, per method; and the paired
     (case, organ) SDs of both methods for the test."""
@@ -55,12 +62,20 @@ def spread_rows(table: dict[tuple[str, str, str], list[float]]) -> tuple[list[li
         cells = []
         for method in METHODS:
             per_case = [np.asarray(table[(method, case, organ)]) for case in cases if (method, case, organ) in table]
-            sds = [float(np.std(v[~np.isnan(v)], ddof=1)) for v in per_case if (~np.isnan(v)).sum() >= 2]
+            sds = [sd for sd in map(seed_sd, per_case) if sd is not None]
             paired[method] += sds
             cells += [format_number(np.mean(sds) if sds else None, 4),
                       format_number(np.nanmean(np.concatenate(per_case)) if per_case else None)]
         rows.append([organ, *cells])
     return rows, paired
+
+
+def pair_rows(table: dict[tuple[str, str, str], list[float]]) -> list[list]:
+    """[case, organ, SD with the moving average, SD with the last iterate] per (case, organ): the values
+    the test pairs, written out so that a later run on other cases can be pooled with this one."""
+    keys = sorted({(case, organ) for _, case, organ in table})
+    return [[case, organ, *(seed_sd(np.asarray(table.get((method, case, organ), [np.nan]))) for method in METHODS)]
+            for case, organ in keys]
 
 
 def report(work: Path, seeds: list[int], command: list[str]) -> str:
@@ -97,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                                  args.work / f"seed_{seed}", "--resume", "--variants", *METHODS, "--seed", seed,
                                  "--device", args.device, "--progress", "json", *shlex.split(args.options)),
                    args.work / "logs" / f"seed_{seed}.log", echo=('"event": "case"', '"event": "error"'))
+    from isseg.reporting import write_csv
+
     text = report(args.work, args.seeds, command)
     (args.work / "seed_spread.md").write_text(text, encoding="utf-8")
-    say(f"wrote {args.work / 'seed_spread.md'}")
+    write_csv(args.work / "seed_spread_pairs.csv", ["case", "organ", *(f"sd_{m}" for m in METHODS)],
+              pair_rows(dice_by_seed(args.work, args.seeds)))
+    say(f"wrote {args.work / 'seed_spread.md'} and seed_spread_pairs.csv")
     print(text)
     return 0
 
