@@ -87,3 +87,26 @@ def test_the_record_gives_what_was_drawn_beside_what_the_map_shows():
     assert record["volume_factor_drawn"] == 1.25 and record["shift_mm_drawn"] == [-6.0, 0.0, -6.0]
     assert abs(record["volume_factor"] - 1.25) < 0.1
     np.testing.assert_allclose(record["shift_mm"], [-6.0, 0.0, -6.0], atol=1.5)
+
+
+def test_the_population_draws_are_those_the_committed_results_were_made_with():
+    # BENCHMARKS.md section 12 and the realct anatomy table were drawn with seeded population draws: the
+    # training ranges must not change them.
+    spleen = av.draw_organ_changes(np.random.default_rng(3))["spleen"]
+    assert round(spleen.scale ** 3, 6) == 0.864205
+    np.testing.assert_allclose(spleen.shift_mm, [-1.2936, -12.0, -2.7832], atol=1e-4)
+
+
+def test_training_draws_are_seeded_log_uniform_and_wider_than_the_population():
+    first = av.draw_organ_changes(np.random.default_rng(3), av.TRAINING_ORGAN_VARIATION)
+    assert first == av.draw_organ_changes(np.random.default_rng(3), av.TRAINING_ORGAN_VARIATION)
+    draws = [av.draw_organ_changes(np.random.default_rng(seed), av.TRAINING_ORGAN_VARIATION) for seed in range(400)]
+    for name, (low, high) in av.TRAINING_VOLUME_FACTOR_RANGE.items():
+        volumes = np.array([d[name].scale ** 3 for d in draws])
+        assert low - 1e-9 <= volumes.min() and volumes.max() <= high + 1e-9
+        # log-uniform: as many draws below the geometric middle of the range as above it
+        assert 0.4 < (volumes < np.sqrt(low * high)).mean() < 0.6
+        population = av.ABDOMEN_ORGAN_VARIATION[name]
+        assert volumes.max() > 1 + av.CLIP_SD * population.volume_cv  # beyond what the test bodies reach
+    spleens = np.array([d["spleen"].scale ** 3 for d in draws])
+    assert (spleens > 2.0).mean() > 0.2  # twice the ICRP spleen, as the real 20-slice CT's, is common

@@ -44,6 +44,23 @@ def test_the_cases_follow_the_seed_and_hold_the_model_labels(data_dir, tmp_path)
         assert set(np.unique(labels)) <= {0, *recipe.LABELS} and (labels == 1).any()  # liver present
 
 
+def test_organ_variation_resizes_the_organs_of_each_training_body_as_its_record_says(data_dir, tmp_path):
+    def liver_and_record(folder, organ_variation):
+        records = recipe.write_dataset(folder, data_dir, (8.0, 8.0, 8.0), icrp_cases=1, phantom_cases=0, seed=0,
+                                       organ_variation=organ_variation)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "icrp_000.nii.gz")))
+        return (labels == 1).sum(), records["icrp_000"]
+
+    plain_liver, plain = liver_and_record(tmp_path / "plain", False)
+    varied_liver, varied = liver_and_record(tmp_path / "varied", True)
+    assert "organ_volume_factors" not in plain
+    factors = varied["organ_volume_factors"]
+    assert set(factors) == set(recipe.av.TRAINING_VOLUME_FACTOR_RANGE)
+    assert varied_liver != plain_liver and abs(factors["liver"] - 1) > 0.05
+    assert varied_liver / plain_liver == pytest.approx(factors["liver"], rel=0.35)  # then deformed and cut
+    assert varied == liver_and_record(tmp_path / "again", True)[1]
+
+
 def test_the_defaults_are_the_recipe_whose_accuracy_the_card_reports():
     assert recipe.recipe_of(recipe.parse_args([])) == recipe.MEASURED_ACCURACY["recipe"]
 

@@ -16,6 +16,11 @@ in adults). Spleen about 30 % (Prassopoulos et al., Eur Radiol 1997: CT volume 1
 Kidneys about 20 % (Emamian et al., AJR 1993: length 11 +- 1 cm). Stomach, pancreas and gallbladder
 vary with filling and age, at 25 to 35 %. Organ positions vary by about a vertebral body craniocaudally
 (kidneys and spleen with respiration and habitus), less in-plane. Draws are clipped at 2 SD.
+
+Training bodies (TRAINING_ORGAN_VARIATION) are drawn wider than the population, the SynthSeg idea: a
+patient must be one more variant, not an outlier. Volumes are drawn log-uniformly in a range that reaches
+splenomegaly (the real 20-slice CT beside the project holds a spleen twice as wide as the ICRP man's) and
+small, contracted organs; positions with 1.5 times the population SD.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ import synthetic_ct as sct
 
 @dataclass(frozen=True)
 class OrganVariation:
-    """Population spread of one organ: SD of its volume as a fraction of the mean; SD of its position
-    (x, y, z mm, LPS axes of the map)."""
+    """Spread of one organ: SD of its volume as a fraction of the mean; SD of its position (x, y, z mm, LPS
+    axes of the map). With `volume_factor_range` the volume factor is drawn log-uniformly in that range
+    instead (training bodies), and `volume_cv` only describes the population."""
 
     volume_cv: float
     position_sd_mm: tuple[float, float, float]
+    volume_factor_range: tuple[float, float] | None = None
 
 
 #: Abdomen label name (synthetic_ct.ICRP_ABDOMEN_LABELS) -> its variation (module docstring). The
@@ -51,6 +58,15 @@ ABDOMEN_ORGAN_VARIATION: dict[str, OrganVariation] = {
     "gallbladder": OrganVariation(0.30, (5.0, 5.0, 8.0)),
 }
 CLIP_SD = 2.0
+TRAINING_POSITION_SD_FACTOR = 1.5
+#: Name -> (smallest, largest) volume factor of the training bodies (module docstring).
+TRAINING_VOLUME_FACTOR_RANGE: dict[str, tuple[float, float]] = {
+    "liver": (0.6, 1.8), "spleen": (0.5, 3.5), "kidney_left": (0.6, 1.6), "kidney_right": (0.6, 1.6),
+    "stomach": (0.4, 2.5), "pancreas": (0.5, 1.8), "gallbladder": (0.3, 2.5)}
+TRAINING_ORGAN_VARIATION: dict[str, OrganVariation] = {
+    name: OrganVariation(spread.volume_cv, tuple(TRAINING_POSITION_SD_FACTOR * v for v in spread.position_sd_mm),
+                         TRAINING_VOLUME_FACTOR_RANGE[name])
+    for name, spread in ABDOMEN_ORGAN_VARIATION.items()}
 
 
 @dataclass(frozen=True)
@@ -63,10 +79,14 @@ class OrganChange:
 
 def draw_organ_changes(rng: np.random.Generator, variation: Mapping[str, OrganVariation] = ABDOMEN_ORGAN_VARIATION,
                        ) -> dict[str, OrganChange]:
-    """Per organ a volume factor 1 + cv z and a shift sd z (z standard normal, clipped at CLIP_SD)."""
+    """Per organ a volume factor 1 + cv z (or log-uniform in its volume_factor_range) and a shift sd z
+    (z standard normal, clipped at CLIP_SD)."""
     changes = {}
     for name, spread in variation.items():
-        volume_factor = 1.0 + spread.volume_cv * float(np.clip(rng.standard_normal(), -CLIP_SD, CLIP_SD))
+        if spread.volume_factor_range is None:
+            volume_factor = 1.0 + spread.volume_cv * float(np.clip(rng.standard_normal(), -CLIP_SD, CLIP_SD))
+        else:
+            volume_factor = float(np.exp(rng.uniform(*np.log(spread.volume_factor_range))))
         shift = np.clip(rng.standard_normal(3), -CLIP_SD, CLIP_SD) * np.array(spread.position_sd_mm)
         changes[name] = OrganChange(volume_factor ** (1.0 / 3.0), tuple(float(v) for v in shift))
     return changes

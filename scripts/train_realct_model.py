@@ -7,8 +7,9 @@ a UNet trained on the anatomy of a real body, the ICRP Publication 110 adult mal
 on one man's CT), plus the engine's procedural phantoms, with an appearance so varied that a real
 scanner's image is one more variant (the SynthSeg idea):
 
-- anatomy: random affine (rotation, anisotropic scale: body habitus) and elastic deformation of the
-  trunk, and fields of view anywhere from the lower chest to the pelvis;
+- anatomy: each organ resized and moved over a range wider than the population's (`--organ-variation`,
+  benchmarks/anatomy_variation.py), random affine (rotation, anisotropic scale: body habitus) and elastic
+  deformation of the trunk, and fields of view anywhere from the lower chest to the pelvis;
 - appearance when synthesising (benchmarks/synthetic_ct.py: HU from density and composition): a
   random contrast phase with random strength, a random HU offset per tissue, gas in the stomach,
   random noise and scanner blur;
@@ -41,6 +42,7 @@ import SimpleITK as sitk
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
+import anatomy_variation as av  # noqa: E402  (organs resized and moved)
 import synthetic_ct as sct  # noqa: E402  (the ICRP phantom and CT synthesis of the benchmarks)
 from isseg import model_package, phantom, protocol  # noqa: E402
 from isseg.appearance import random_tissue_values  # noqa: E402
@@ -73,7 +75,8 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.0 (benchmarks/realct_model.py)",
                      "code": "built 2026-12-04 with the engine of c43a7f9 and this recipe as committed in 7411ecc",
                      "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
-                                "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25},
+                                "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25,
+                                "organ_variation": False},
                      "real_abdominal_ct_dice": {"liver": [0.905, 0.917], "aorta": [0.618, 0.216],
                                                 "stomach": [0.373, 0.349], "spleen": [0.136, 0.022]},
                      "real_abdominal_ct_dice_after_isl_with_intensity_alignment": {"liver": 0.927, "aorta": 0.633,
@@ -195,7 +198,18 @@ def phantom_spec(seed: int, rng: np.random.Generator) -> phantom.PhantomSpec:
                                fov_shift_mm=tuple(float(v) for v in rng.uniform(-20, 20, 3)))
 
 
-def write_dataset(folder: Path, data_dir: Path, spacing, icrp_cases: int, phantom_cases: int, seed: int) -> dict:
+def varied_organs(trunk: sitk.Image, rng: np.random.Generator) -> tuple[sitk.Image, dict]:
+    """The trunk with its organs resized and moved over the training range (av.TRAINING_ORGAN_VARIATION);
+    and the record of what was drawn."""
+    changes = av.draw_organ_changes(rng, av.TRAINING_ORGAN_VARIATION)
+    body, folded = av.vary_anatomy(trunk, av.icrp_abdomen_organs(), changes)
+    return body, {"organ_volume_factors": {name: round(change.scale ** 3, 2) for name, change in changes.items()},
+                  "organ_shifts_mm": {name: [round(v, 1) for v in change.shift_mm] for name, change in changes.items()},
+                  "folded_fraction": round(folded, 5)}
+
+
+def write_dataset(folder: Path, data_dir: Path, spacing, icrp_cases: int, phantom_cases: int, seed: int,
+                  organ_variation: bool = False) -> dict:
     """The training cases as an MSD folder; returns the generation record per case."""
     trunk = icrp_trunk(data_dir / "icrp110", spacing)
     tissue_hu = sct.icrp_tissue_hu(data_dir / "icrp110")
@@ -203,10 +217,11 @@ def write_dataset(folder: Path, data_dir: Path, spacing, icrp_cases: int, phanto
     for index in range(icrp_cases):
         rng = np.random.default_rng([seed, index])
         phase = list(sct.ICRP_ENHANCEMENT_HU)[index % len(sct.ICRP_ENHANCEMENT_HU)]
-        image, labels, record = icrp_case(trunk, tissue_hu, rng, IcrpVariation(), phase)
+        body, organs = varied_organs(trunk, rng) if organ_variation else (trunk, {})
+        image, labels, record = icrp_case(body, tissue_hu, rng, IcrpVariation(), phase)
         case_id = f"icrp_{index:03d}"
         training.append(sct.write_msd_case(folder, case_id, image, labels))
-        records[case_id] = {"source": "ICRP 110 adult male", "seed": [seed, index], **record}
+        records[case_id] = {"source": "ICRP 110 adult male", "seed": [seed, index], **record, **organs}
     for index in range(phantom_cases):
         rng = np.random.default_rng([seed, 1000 + index])
         spec = phantom_spec(PHANTOM_SEED_START + index, rng)
@@ -236,7 +251,7 @@ def recipe_of(args) -> dict:
     """The settings that decide the model (what MEASURED_ACCURACY["recipe"] records)."""
     return {"seed": args.seed, "steps": args.steps, "spacing_mm": [float(v) for v in args.spacing],
             "patch": list(args.patch), "icrp_cases": args.icrp_cases, "phantom_cases": args.phantom_cases,
-            "short_scans": args.short_scans}
+            "short_scans": args.short_scans, "organ_variation": args.organ_variation}
 
 
 def rebuild_command(args) -> str:
@@ -244,7 +259,8 @@ def rebuild_command(args) -> str:
     return ("PYTHONPATH=InferenceSpecificSeg python scripts/train_realct_model.py --data-dir DATA "
             f"--seed {args.seed} --steps {args.steps} --spacing {' '.join(f'{v:g}' for v in args.spacing)} "
             f"--patch {' '.join(map(str, args.patch))} --icrp-cases {args.icrp_cases} "
-            f"--phantom-cases {args.phantom_cases} --atlas-cases {args.atlas_cases} --short-scans {args.short_scans:g}")
+            f"--phantom-cases {args.phantom_cases} --atlas-cases {args.atlas_cases} --short-scans {args.short_scans:g} "
+            + ("--organ-variation" if args.organ_variation else "--no-organ-variation"))
 
 
 def model_card(config: dict, args, records: dict, minutes: float) -> dict:
@@ -255,7 +271,9 @@ def model_card(config: dict, args, records: dict, minutes: float) -> dict:
         "intended_use": "Trying InferenceSpecificSeg on a real abdominal CT (for example Slicer's sample CTs). "
                         "Research and demonstration only: not for patients, not for clinical use.",
         "training_data": f"{args.icrp_cases} synthetic CTs of the ICRP Publication 110 adult male (one real "
-                         "body's anatomy; affine and elastic deformation, fields of view from the pelvis to the "
+                         "body's anatomy; " + ("organs resized and moved over a range wider than the population's, "
+                                                   if args.organ_variation else "") +
+                         "affine and elastic deformation, fields of view from the pelvis to the "
                          f"lower chest, random phase and tissue intensities) and {args.phantom_cases} procedural "
                          "phantoms (isseg.phantom); appearance re-randomised per patch (isseg.appearance), a share of the "
                          f"patches ({args.short_scans:g}) cut to short scans (isseg.short_scans).",
@@ -285,6 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--short-scans", type=float, default=0.25,
                         help="share of the training patches cut to a short scan (isseg.short_scans)")
+    parser.add_argument("--organ-variation", action=argparse.BooleanOptionalAction, default=False,
+                        help="resize and move each organ of the ICRP training bodies (anatomy_variation.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     return parser.parse_args(argv)
@@ -294,7 +314,7 @@ def build(args, work: Path, started: float) -> Path:
     """Synthesise the cases in `work`, train, replace the atlas, write the model card; the package folder."""
     dataset, package = work / "dataset", work / "package"
     records = write_dataset(dataset, args.data_dir, tuple(args.spacing), args.icrp_cases, args.phantom_cases,
-                            args.seed)
+                            args.seed, args.organ_variation)
     settings = TrainSettings(spacing=tuple(args.spacing), patch_size=tuple(args.patch), steps=args.steps,
                              evaluate_every=max(1, args.steps // 4), seed=args.seed, randomize_appearance=True,
                              short_scan_probability=args.short_scans)
