@@ -9,7 +9,7 @@ that registers label maps) is written for CUDA and float16; on the CPU this scri
 `.cuda()` made a no-op and float16 replaced by float32 (the CPU lacks half kernels), patched here only.
 
 For each phantom `shifted_spec(2000 + i)`, the demo model's initial mask is the fixed image (what the
-first alignment round sees) and each of the 8 demo atlas cases, placed by the same organ-centroid shift,
+first alignment round sees) and each of the 8 demo atlas cases, placed by the same shift (isseg.placement),
 the moving one. Printed per method: mean Dice of the warped atlas labels to the mask (labels present in
 the mask) and to the phantom truth, folding (% of voxels with a non-positive Jacobian determinant),
 seconds for the 8 atlas cases and peak resident memory.
@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_scaling import PeakSampler  # noqa: E402
 
 from isseg import model_package, phantom  # noqa: E402
-from isseg.alignment import AlignmentSettings, align_atlas, folding_fraction, initial_placement  # noqa: E402
+from isseg.alignment import AlignmentSettings, align_atlas, folding_fraction  # noqa: E402
+from isseg.placement import initial_placement, overlap_shifts  # noqa: E402
 from isseg.demo_model import demo_package_path  # noqa: E402
 from isseg.metrics import dice_per_label  # noqa: E402
 from isseg.networks import predict_probabilities  # noqa: E402
@@ -106,7 +107,8 @@ def main() -> None:
         monitor.enter("convexAdam")
         results["isseg"].append(([mean_dice(w, mask) for w in warped], [mean_dice(w, truth) for w in warped],
                                  list(aligned.folding), seconds))
-        _, placed = initial_placement(atlas_images, atlas_labels, mask > 0)
+        shifts = overlap_shifts(atlas_labels, mask, [int(v) for v in np.unique(mask) if v > 0])
+        _, placed = initial_placement(atlas_images, atlas_labels, mask.shape, shifts)
         started = time.monotonic()
         rows = ([], [], [])
         with tempfile.TemporaryDirectory() as work:

@@ -1,8 +1,8 @@
 """Inference-specific deformation of the atlas cases onto the case being segmented.
 
-Every atlas case is placed on the target grid (centroid of its organs on the centroid of the
-current mask), then aligned by one transform x -> A(x + u(x)): an affine A and a dense displacement
-field u, optimised together per case with Adam (instance optimisation), all cases of a batch at
+Every atlas case is placed on the target grid (the shift of best label overlap with the current
+mask, isseg.placement), then aligned by one transform x -> A(x + u(x)): an affine A and a dense
+displacement field u, optimised together per case with Adam (instance optimisation), all cases of a batch at
 once, over one coarse-to-fine pyramid (`AlignmentSettings.levels`). The objective:
 
 - mode `mask` (default): soft Dice between the warped atlas labels and the current inference
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, DiceLoss, LocalNormalizedCrossCorrelationLoss
 
 from .metrics import mean_dice
+from .placement import initial_placement, overlap_shifts
 from .protocol import ALIGN_MODES, DEFAULT_ALIGN_MODE
 from .validation import MIN_GRID_VOXELS
 
@@ -85,56 +86,6 @@ class AlignedAtlas:
     dice: np.ndarray
     folding: np.ndarray
     transforms: AtlasTransforms
-
-
-def label_dtype(num_classes: int) -> np.dtype:
-    """The smallest integer type that holds label values 0 .. num_classes - 1."""
-    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.int16)
-
-
-def place_on_grid(array: np.ndarray, out: np.ndarray, shift: np.ndarray) -> None:
-    """Copy `array` into `out` (already filled with the background) so that voxel i lands on voxel
-    i + shift (integers, z y x); voxels not covered keep their value."""
-    source, target = [], []
-    for size_in, size_out, offset in zip(array.shape, out.shape, shift):
-        start_out = max(0, offset)
-        start_in = max(0, -offset)
-        length = min(size_in - start_in, size_out - start_out)
-        if length <= 0:
-            return
-        source.append(slice(start_in, start_in + length))
-        target.append(slice(start_out, start_out + length))
-    out[tuple(target)] = array[tuple(source)]
-
-
-def foreground_centroid(mask: np.ndarray) -> np.ndarray:
-    """Centre (z, y, x voxels) of the non-zero voxels, or of the volume if there are none."""
-    points = np.argwhere(mask)
-    return points.mean(axis=0) if len(points) else (np.array(mask.shape) - 1) / 2
-
-
-def placement_shifts(atlas_labels: list[np.ndarray], target_mask: np.ndarray) -> np.ndarray:
-    """(N, 3) integer shifts that put each atlas case's organ centroid on the target mask's."""
-    target_centre = foreground_centroid(target_mask)
-    return np.stack([np.round(target_centre - foreground_centroid(label > 0)).astype(int) for label in atlas_labels])
-
-
-def initial_placement(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], target_mask: np.ndarray,
-                      shifts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put atlas cases (each (z, y, x), any size, already at the model spacing) on the target grid,
-    shifted by `shifts` (default: organ centroids matched). Returns images (N, 1, z, y, x) float32 and
-    labels (N, 1, z, y, x) in the smallest integer type for their values (label_dtype), each written
-    straight into its result: at clinical sizes a second copy of the atlas is gigabytes."""
-    if shifts is None:
-        shifts = placement_shifts(atlas_labels, target_mask)
-    count = len(atlas_images)
-    images = torch.zeros(count, 1, *target_mask.shape, dtype=torch.float32)
-    num_classes = max(int(label.max(initial=0)) for label in atlas_labels) + 1
-    labels = torch.from_numpy(np.zeros((count, 1, *target_mask.shape), dtype=label_dtype(num_classes)))
-    for case, (image, label, shift) in enumerate(zip(atlas_images, atlas_labels, shifts)):
-        place_on_grid(image, images[case, 0].numpy(), shift)
-        place_on_grid(label, labels[case, 0].numpy(), shift)
-    return images, labels
 
 
 # z slices per slab of folding_fraction: the Jacobian (9 values per voxel, with temporaries) of a
@@ -320,8 +271,8 @@ def align_atlas(atlas_images: list[np.ndarray], atlas_labels: list[np.ndarray], 
     target_labels = target_probabilities[0].argmax(0)
     present = [value for value in torch.unique(target_labels).tolist() if value > 0]
     settings = _without_a_mask_to_follow(settings) if not present else settings
-    shifts = start.shifts if start is not None else placement_shifts(atlas_labels, target_labels.numpy() > 0)
-    images, labels = initial_placement(atlas_images, atlas_labels, target_labels.numpy() > 0, shifts)
+    shifts = start.shifts if start is not None else overlap_shifts(atlas_labels, target_labels.numpy(), present, device)
+    images, labels = initial_placement(atlas_images, atlas_labels, tuple(target_labels.shape), shifts)
     target_image, target_probabilities = target_image.to(device), target_probabilities.to(device)
     target_labels = target_labels.to(device)
     schedule = settings.schedule(warm=start is not None)

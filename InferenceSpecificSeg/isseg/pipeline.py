@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from . import __version__, body, changes, model_package, package_checks, protocol, uncertainty
-from .alignment import AlignedAtlas, label_dtype
+from .alignment import AlignedAtlas
 from .device import Attempt, memory_fallback_attempts, with_memory_fallback
 from .edits import CaseTraining, UserEdits, trust
 from .errors import Cancelled, OutOfMemoryError
@@ -30,6 +30,7 @@ from .io import last_line, write_image_atomic, write_text_atomic
 from .networks import KIND_MONAI, PreparedCase, predict_probabilities
 from .networks.monai_net import build_monai_network
 from .output_folder import OutputFolder
+from .placement import label_dtype
 from .postprocess import labelmap_on_grid
 from .refinement import RefineObserver, RefineSettings, refine
 from .reporting import tell
@@ -83,7 +84,7 @@ def segments_record(labels: list[dict]) -> dict:
 def atlas_arrays(package: model_package.ModelPackage) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The package's atlas as arrays for alignment: per case a (z, y, x) float32 image normalized as the
     network's preprocessing does and a (z, y, x) labelmap in the smallest integer type for its values
-    (alignment.label_dtype: at clinical sizes each byte per voxel is 12 MB per case), at the model
+    (placement.label_dtype: at clinical sizes each byte per voxel is 12 MB per case), at the model
     spacing. Read one case at a time, so that the files' own arrays never pile up."""
     kind = package.network_kind
     images, labels = [], []
