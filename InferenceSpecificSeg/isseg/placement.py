@@ -6,8 +6,8 @@ an integer shift (z, y, x voxels): atlas voxel i lands on target voxel i + shift
 The shift is the one that maximises the mean Dice, over the labels present in the current mask,
 between the shifted atlas labels and that mask, where only the atlas voxels that land inside the
 target grid count. Every shift is scored at once, as FFT cross-correlations of copies pooled to at
-most SEARCH_VOXELS per axis, so the result is within half a pooled voxel of the best shift; the
-alignment's affine takes up the rest. This finds the level of a short scan: on a CT of a few slices
+most SEARCH_VOXELS per axis (search_factor), so the result is within a pooled voxel of the best
+shift; the alignment's affine takes up the rest. This finds the level of a short scan: on a CT of a few slices
 the centroid of the mask is the middle of those slices, and putting the centroid of a whole atlas
 body's organs there puts the wrong organs in the field of view (the aorta of the real 20-slice CT
 beside the project was missed that way). Without a present label the centroids of the volumes meet.
@@ -19,7 +19,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 # Per axis, the pooled grid of the search: FFTs of at most (2 x 48)^3 per label keep it to about a second
 # per atlas case of 20 labels on 2 CPU cores at clinical sizes (256 x 256 x 192), where a full-resolution
