@@ -1,6 +1,7 @@
 """Where the atlas starts: label-overlap search (isseg.placement, today) against organ centroids (before).
 
     PYTHONPATH=InferenceSpecificSeg python benchmarks/compare_placement.py [--cases 10] [--slab-mm 40]
+    PYTHONPATH=InferenceSpecificSeg python benchmarks/compare_placement.py --time-clinical
 
 For each shifted phantom `shifted_spec(2000 + i)` (the test cases of evaluate_phantoms.sh), the demo
 model's first mask drives one first alignment round of the 8 demo atlas cases, once from each placement,
@@ -9,6 +10,9 @@ the real 20-slice CT beside the project). Printed per case and placement: the me
 truth of the placed and of the aligned atlas labels (mean over atlas cases and the organs the truth
 holds), and the seconds of the search. The centroid placement is the engine's before this change,
 swapped in here for the comparison only.
+
+`--time-clinical`: the seconds of the search alone at a clinical size, 16 atlas cases of 256 x 256 x 192
+voxels with 20 labels each (seeded boxes: the time depends on the sizes, not on the shapes).
 """
 
 from __future__ import annotations
@@ -55,11 +59,31 @@ def aligned_dice(name: str, atlas, probabilities: torch.Tensor, truth: np.ndarra
             np.mean([mean_dice(a, truth) for a in aligned.labels[:, 0].numpy()]), seconds)
 
 
+def time_clinical(cases: int = 16, labels: int = 20, shape=(192, 256, 256)) -> None:
+    rng = np.random.default_rng(0)
+
+    def boxes() -> np.ndarray:
+        volume = np.zeros(shape, dtype=np.uint8)
+        for value in range(1, labels + 1):
+            centre = [int(rng.integers(n // 4, 3 * n // 4)) for n in shape]
+            volume[tuple(slice(c - n // 12, c + n // 12) for c, n in zip(centre, shape))] = value
+        return volume
+
+    target, atlas = boxes(), [boxes() for _ in range(cases)]
+    started = time.monotonic()
+    placement.overlap_shifts(atlas, target, list(range(1, labels + 1)))
+    print(f"overlap search, {cases} atlas cases of {shape[::-1]} voxels (x y z), {labels} labels: "
+          f"{time.monotonic() - started:.1f} s on {torch.get_num_threads()} threads")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10)
     parser.add_argument("--slab-mm", type=float, default=40.0)
+    parser.add_argument("--time-clinical", action="store_true", help="only time the search at a clinical size")
     args = parser.parse_args()
+    if args.time_clinical:
+        return time_clinical()
     torch.manual_seed(0)
     package = model_package.load(demo_package_path())
     atlas = atlas_arrays(package)
