@@ -4,6 +4,7 @@ model card says what it was trained on, for what, how long a step took and how t
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -79,3 +80,24 @@ def test_a_short_run_writes_a_package_with_its_model_card(data_dir, tmp_path):
         recipe.parse_args(["--steps", "2", *SMALL]).__dict__ | {"data_dir": None}
     assert package.config["license"].startswith("Not for redistribution")
     assert set(card["cases"]) == {"icrp_000", "icrp_001", "icrp_002"}
+
+
+def test_rethreshold_chooses_the_thresholds_again_on_the_builds_own_validation_cases(data_dir, tmp_path):
+    """A build's validation cases are regenerated from its card's seeds: the Dice at 0.5 is the build's own,
+    and the thresholds follow today's rule (choose_thresholds), whatever the package held before."""
+    output = tmp_path / "package"
+    recipe.main(["--data-dir", str(data_dir), "--output", str(output), "--steps", "2", "--device", "cpu",
+                 *SMALL, "--icrp-cases", "5"])
+    config = (output / "model.json")
+    built = json.loads(config.read_text(encoding="utf-8"))
+    assert built["training"]["validation_cases"], "5 cases leave one for validation"
+    stale = dict(built, labels=[dict(label, threshold=0.95) for label in built["labels"]])
+    config.write_text(json.dumps(stale), encoding="utf-8")
+
+    recipe.main(["--rethreshold", str(output), "--data-dir", str(data_dir), "--device", "cpu"])
+
+    again = json.loads(config.read_text(encoding="utf-8"))
+    assert [c["dice_at_0.5"] for c in again["thresholds_on_validation"]] == pytest.approx(
+        [c["dice_at_0.5"] for c in built["thresholds_on_validation"]], nan_ok=True)
+    assert [label.get("threshold") for label in again["labels"]] == \
+        [c["threshold"] for c in again["thresholds_on_validation"]]

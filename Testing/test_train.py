@@ -139,3 +139,39 @@ def test_a_broken_dataset_gets_a_message_naming_the_file(dataset, tmp_path, caps
     errors = [event for event in map(json.loads, capsys.readouterr().out.splitlines()) if event["event"] == "error"]
     assert errors and errors[0]["kind"] == "bad_input" and str(culprit) in errors[0]["message"]
     assert not (tmp_path / "cli-package" / "model.safetensors").exists()
+
+
+def test_thresholds_only_chooses_a_packages_thresholds_again_without_training(dataset, tmp_path, capsys):
+    """`isseg train --thresholds-only` on a built package: the thresholds follow today's rule on the validation
+    case the package names, model.json says so, and the weights are the same bytes. A dataset without that
+    case is refused (exit 3) and model.json is left as it was."""
+    output = train_package(dataset, tmp_path / "package", tiny_settings(steps=10),
+                           EventWriter(io.StringIO(), mode="json"), "cpu")
+    model_file, weights = output / "model.json", (output / "model.safetensors").read_bytes()
+    built = json.loads(model_file.read_text(encoding="utf-8"))
+    stale = dict(built, labels=[dict(label, threshold=0.95) for label in built["labels"]],
+                 thresholds_on_validation=[])
+    model_file.write_text(json.dumps(stale), encoding="utf-8")
+
+    assert cli.main(["train", "--dataset", str(dataset), "--output", str(output), "--thresholds-only",
+                     "--device", "cpu", "--progress", "json"]) == 0
+
+    again = json.loads(model_file.read_text(encoding="utf-8"))
+    assert again["thresholds_on_validation"] == built["thresholds_on_validation"]
+    assert [label.get("threshold") for label in again["labels"]] == [label.get("threshold") for label in built["labels"]]
+    assert (output / "model.safetensors").read_bytes() == weights
+    done = [event for event in json_events_of(capsys) if event["event"] == "done"]
+    assert done and set(done[0]["thresholds"]) == {str(label["value"]) for label in built["labels"]}
+
+    other = phantom.write_msd_dataset(tmp_path / "other", [phantom.training_spec(9, size=PHANTOM_SIZE,
+                                                                                spacing=PHANTOM_SPACING)])
+    before = model_file.read_bytes()
+    assert cli.main(["train", "--dataset", str(other), "--output", str(output), "--thresholds-only",
+                     "--progress", "json"]) == EXIT_BAD_INPUT
+    errors = [event for event in json_events_of(capsys) if event["event"] == "error"]
+    assert errors and "lacks the validation cases" in errors[0]["message"]
+    assert model_file.read_bytes() == before
+
+
+def json_events_of(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -1,6 +1,7 @@
 """Build the real-anatomy abdomen model from ../shared/data into the user's cache (offline, seeded).
 
     python scripts/train_realct_model.py [--data-dir ../shared/data] [--output DIR] [--steps 3000] [--device auto]
+    python scripts/train_realct_model.py --rethreshold PACKAGE [--data-dir ../shared/data]
 
 The model the Slicer user should try on a real CT (Slicer's "CTA abdomen (Panoramix)", "CTLiver"):
 a UNet trained on the anatomy of a real body, the ICRP Publication 110 adult male (a label map drawn
@@ -16,6 +17,10 @@ scanner's image is one more variant (the SynthSeg idea):
 - appearance per training patch: `isseg train --randomize-appearance` (isseg.appearance);
 - short scans: a share of the patches cut to a random axial slab padded as the sliding window pads a CT
   thinner than the patch (`isseg train --short-scans`, isseg.short_scans), as the 20-slice real CT is.
+
+`--rethreshold PACKAGE` chooses a build's per-label thresholds again, with today's rule
+(isseg.model_training.choose_thresholds), on its own validation cases (regenerated from the recipe's seeds),
+without training: what a new build of the same recipe would choose.
 
 The atlas for inference-specific learning is 6 ICRP cases of the upper abdomen (portal venous phase)
 at the model spacing, written into the package. Weights trained on the ICRP data are not shipped (its
@@ -47,7 +52,7 @@ import synthetic_ct as sct  # noqa: E402  (the ICRP phantom and CT synthesis of 
 from isseg import model_package, phantom, protocol  # noqa: E402
 from isseg.appearance import random_tissue_values  # noqa: E402
 from isseg.events import EventWriter  # noqa: E402
-from isseg.model_training import TrainSettings, train_package  # noqa: E402
+from isseg.model_training import TrainSettings, rechoose_thresholds, train_package  # noqa: E402
 
 VERSION = "2.1"
 #: The model's labels; values 1..6 are those of the procedural phantoms (isseg.phantom.ORGAN_NAMES).
@@ -306,6 +311,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="resize and move each organ of the ICRP training bodies (anatomy_variation.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--rethreshold", type=Path, default=None, metavar="PACKAGE",
+                        help="choose the thresholds of a built package again, with today's rule, and exit")
     return parser.parse_args(argv)
 
 
@@ -332,8 +339,22 @@ def build(args, work: Path, started: float) -> Path:
     return package
 
 
+def rethreshold(package_dir: Path, data_dir: Path, device_name: str) -> list[dict]:
+    """Choose the thresholds of a built package again on its validation cases, regenerated from the recipe of
+    its model card (isseg.model_training.rechoose_thresholds); returns the choices."""
+    recipe = json.loads((package_dir / protocol.MODEL_FILE).read_text(encoding="utf-8"))["model_card"]["recipe"]
+    with tempfile.TemporaryDirectory() as work:
+        write_dataset(Path(work), data_dir, tuple(recipe["spacing_mm"]), recipe["icrp_cases"], recipe["phantom_cases"],
+                      recipe["seed"], recipe.get("organ_variation", False))
+        return rechoose_thresholds(Path(work), package_dir, EventWriter(mode="bar"), device_name)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.rethreshold:
+        for choice in rethreshold(args.rethreshold, args.data_dir, args.device):
+            print(f"label {choice['value']}: threshold {choice['threshold']} (Dice at 0.5: {choice['dice_at_0.5']:.3f})")
+        return
     output = args.output or model_package.cache_dir() / "models" / f"realct-abdomen-{VERSION}"
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as work:

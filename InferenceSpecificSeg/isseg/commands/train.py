@@ -38,11 +38,19 @@ def register(commands) -> None:
                              "a CT thinner than the patch (isseg.short_scans; default %(default)s)")
     parser.add_argument("--device", choices=protocol.DEVICES, default=protocol.DEFAULT_DEVICE)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--thresholds-only", action="store_true",
+                        help="do not train: choose the per-label thresholds of the package in --output again, on the "
+                             "validation cases of --dataset it was built with (a package from an older version)")
     add_progress_option(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    if args.thresholds_only:
+        events = events_for(args)
+        choices = model_training.rechoose_thresholds(Path(args.dataset), Path(args.output), events, args.device)
+        events.emit("done", package=str(args.output), thresholds={c["value"]: c["threshold"] for c in choices})
+        return EXIT_DONE
     settings = TrainSettings(spacing=tuple(args.spacing), intensity_window=tuple(args.window), patch_size=tuple(args.patch),
                              channels=tuple(args.channels), steps=args.steps, learning_rate=args.learning_rate,
                              loss=args.loss, validation_fraction=args.validation_fraction,
