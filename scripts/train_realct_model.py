@@ -78,16 +78,17 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 #: the real 20-slice abdominal CT beside the project, first mask -> after `isseg refine` (defaults). A model
 #: built with other settings gets these figures in its card only as those of that other recipe.
 MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.1 (benchmarks/realct_model.py)",
-                     "code": "built 2026-12-07 with the engine of fb78efa and this recipe; refined with the engine of "
-                             "bc2975f (atlas placement by label overlap)",
+                     "code": "trained 2026-12-07 with the engine of fb78efa and this recipe; thresholds chosen with the "
+                             "rule of 1467b3e (--rethreshold: what a build at 1467b3e chooses); refined with the engine "
+                             "of 7f36de7",
                      "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
                                 "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25,
                                 "organ_variation": True},
-                     "real_abdominal_ct_dice": {"liver": [0.852, 0.920], "aorta": [0.821, 0.805],
-                                                "stomach": [0.504, 0.422], "spleen": [0.163, 0.098]},
+                     "real_abdominal_ct_dice": {"liver": [0.852, 0.921], "aorta": [0.821, 0.805],
+                                                "stomach": [0.426, 0.366], "spleen": [0.518, 0.340]},
                      "real_chest_ct_aorta_dice_first_mask": 0.224,
-                     "synthetic_first_mask_dice": {"icrp_body": 0.867, "icrp_body_40mm_slab": 0.559,
-                                                   "icrp_body_organs_varied": 0.836, "shifted_phantoms": 0.676}}
+                     "synthetic_first_mask_dice": {"icrp_body": 0.873, "icrp_body_40mm_slab": 0.578,
+                                                   "icrp_body_organs_varied": 0.845, "shifted_phantoms": 0.685}}
 
 
 @dataclass(frozen=True)
