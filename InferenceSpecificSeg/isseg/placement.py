@@ -65,9 +65,10 @@ def _pooled(labels: np.ndarray, values: list[int], factor: int) -> np.ndarray:
     """(len(values), z', y', x') fraction of each pooled voxel (factor^3 voxels, fewer at the far faces)
     covered by each label of (z, y, x) `labels`: one pass over the voxels, however many labels."""
     pooled_shape = [-(-n // factor) for n in labels.shape]
-    channel_of = np.full(int(max(labels.max(initial=0), max(values))) + 1, -1, dtype=np.int64)
-    channel_of[values] = np.arange(len(values))
-    cell_of = [np.arange(n) // factor for n in labels.shape]
+    # int32 indices: a clinical grid's voxel-sized index arrays are then 50 MB each, not 100
+    channel_of = np.full(int(max(labels.max(initial=0), max(values))) + 1, -1, dtype=np.int32)
+    channel_of[values] = np.arange(len(values), dtype=np.int32)
+    cell_of = [np.arange(n, dtype=np.int32) // factor for n in labels.shape]
     cells = (cell_of[0][:, None, None] * pooled_shape[1] + cell_of[1][None, :, None]) * pooled_shape[2] \
         + cell_of[2][None, None, :]
     channels = channel_of[labels]
