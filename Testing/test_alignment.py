@@ -83,7 +83,9 @@ def test_mask_mode_raises_dice_to_the_true_organs_under_a_contrast_shift(atlas):
     aligned = alignment.align_atlas(*atlas, preprocess.image_tensor(target.image, WINDOW), one_hot(mask),
                                     settings, torch.device("cpu"))
 
-    check_alignment_improves(aligned, initial_dice(atlas, truth, mask), truth, "mask", mean_gain=0.15)
+    # Placed by label overlap the cases start at 0.57 and 0.50 (from the centroids: 0.50 and 0.40) and end at
+    # 0.67 and 0.65 (from the centroids: 0.68 and 0.68; benchmarks/results/placement.md: the same on average).
+    check_alignment_improves(aligned, initial_dice(atlas, truth, mask), truth, "mask", mean_gain=0.1)
     assert np.all(aligned.dice > 0.6), f"reported Dice to the current mask {aligned.dice}"
 
 
