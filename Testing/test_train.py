@@ -15,7 +15,7 @@ import torch
 
 from isseg import cli, model_package, model_training, phantom
 from isseg.errors import BadInputError
-from isseg.protocol import EXIT_BAD_INPUT
+from isseg.protocol import EXIT_BAD_INPUT, EXIT_BAD_MODEL
 from isseg.events import EventWriter
 from isseg.model_training import TrainSettings, train_package
 
@@ -171,6 +171,9 @@ def test_thresholds_only_chooses_a_packages_thresholds_again_without_training(da
     errors = [event for event in json_events_of(capsys) if event["event"] == "error"]
     assert errors and "lacks the validation cases" in errors[0]["message"]
     assert model_file.read_bytes() == before
+    assert cli.main(["train", "--dataset", str(dataset), "--output", str(tmp_path / "nothing"), "--thresholds-only",
+                     "--progress", "json"]) == EXIT_BAD_MODEL
+    assert "no package built by `isseg train`" in json_events_of(capsys)[-1]["message"]
 
 
 def json_events_of(capsys) -> list[dict]:

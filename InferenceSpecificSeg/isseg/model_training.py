@@ -28,7 +28,7 @@ from .appearance import AppearanceRandomizer
 from .short_scans import ShortScanCutter
 from .datasets import read_labelled_case, read_msd_dataset
 from .device import network_to, resolve_device
-from .errors import BadInputError
+from .errors import BadInputError, BadModelError
 from .events import EventWriter, RunClock
 from .inference import predict_probabilities
 from .io import resample_to, write_text_atomic
@@ -275,7 +275,10 @@ def rechoose_thresholds(dataset: Path, package_dir: Path, events: EventWriter, d
     rule (choose_thresholds), on the validation cases its model.json names; rewrites model.json (labels and
     thresholds_on_validation) and leaves the weights alone. Returns the choices."""
     model_file = Path(package_dir) / protocol.MODEL_FILE
-    config = json.loads(model_file.read_text(encoding="utf-8"))
+    config = json.loads(model_file.read_text(encoding="utf-8")) if model_file.is_file() else {}
+    if "validation_cases" not in config.get("training", {}):
+        raise BadModelError(f"{package_dir} holds no package built by `isseg train` (no model.json with its training "
+                            "record): its thresholds can only be chosen by training it (without --thresholds-only).")
     trained = config["training"]["settings"]
     settings = TrainSettings(spacing=tuple(trained["spacing"]), orientation=trained["orientation"],
                              intensity_window=tuple(trained["intensity_window"]), patch_size=tuple(trained["patch_size"]))
