@@ -145,3 +145,45 @@ def test_to_model_grid_fills_outside_with_air():
     # The corners of the axis-aligned grid lie outside the rotated input: they must be air, not 0 HU.
     assert array[0, 0, 0] == preprocess.AIR_HU
     assert array.max() > 300, "the bright structure inside got lost in resampling"
+
+
+def _noise_ct(spacing, size_xyz=(48, 48, 24), seed=0) -> sitk.Image:
+    """Soft tissue of 40 HU with white noise of SD 20 HU, as an int16 CT."""
+    array = np.random.default_rng(seed).normal(40.0, 20.0, size_xyz[::-1])
+    image = sitk.GetImageFromArray(np.round(array).astype(np.int16))
+    image.SetSpacing(spacing)
+    return image
+
+
+def _interior(array: np.ndarray, margin: int = 2) -> np.ndarray:
+    return array[margin:-margin, margin:-margin, margin:-margin]
+
+
+def test_a_finer_ct_is_averaged_over_the_model_voxel_not_point_sampled():
+    # 1 mm to 3 mm: the model grid points fall on input voxel centres, so point sampling would keep the
+    # input's noise (SD 20 HU) while a CT reconstructed at 3 mm averages it away.
+    image = _noise_ct((1.0, 1.0, 1.0))
+    model = sitk.GetArrayFromImage(preprocess.to_model_grid(image, (3.0, 3.0, 3.0), "LPS")).astype(float)
+    inside = _interior(model)
+    assert inside.std() < 0.5 * 20.0, f"noise SD {inside.std():.1f} HU on the model grid: not averaged"
+    assert abs(inside.mean() - 40.0) < 1.0, "averaging must keep the mean HU"
+
+
+@pytest.mark.parametrize("spacing", [(3.0, 3.0, 3.0), (5.0, 5.0, 5.0)])
+def test_a_ct_at_or_coarser_than_the_model_spacing_is_only_resampled(spacing):
+    image = _noise_ct(spacing, size_xyz=(16, 16, 8))
+    model = preprocess.to_model_grid(image, (3.0, 3.0, 3.0), "LPS")
+    plain = io.resample_to(image, io.model_grid(image, (3.0, 3.0, 3.0), "LPS"), is_label=False,
+                           default_value=preprocess.AIR_HU)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(model), sitk.GetArrayFromImage(plain))
+
+
+def test_only_the_axes_finer_than_the_model_are_smoothed():
+    # Fine in-plane, coarse slices: the slices must not be blurred into each other.
+    array = np.full((8, 48, 48), 40.0)
+    array[4:] = 400.0
+    image = sitk.GetImageFromArray(array.astype(np.int16))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    model = sitk.GetArrayFromImage(preprocess.to_model_grid(image, (3.0, 3.0, 3.0), "LPS"))
+    np.testing.assert_allclose(model[:4, 4:-4, 4:-4], 40.0, atol=0.5)
+    np.testing.assert_allclose(model[4:, 4:-4, 4:-4], 400.0, atol=0.5)

@@ -153,6 +153,28 @@ def test_an_isseg_package_with_a_new_atlas_that_lacks_one_organ(demo_package, la
     assert probabilities.shape[1] == 6 and torch.allclose(probabilities.sum(1), torch.ones(1), atol=1e-5)
 
 
+def test_an_atlas_case_is_put_on_the_model_grid_as_the_network_prepares_a_ct(demo_package, tmp_path):
+    """A MONAI-kind package smooths a CT finer than its grid before resampling (preprocess.to_model_grid):
+    its atlas images, which fine-tuning learns from, must look the same, not point-sampled."""
+    from isseg import model_package, preprocess
+
+    array = np.random.default_rng(0).normal(40.0, 20.0, (40, 48, 48)).round().astype(np.int16)
+    array[:, :, :8] = -1000
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.5, 1.5, 2.0))
+    labels = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    labels.CopyInformation(image)
+    sitk.WriteImage(image, str(tmp_path / "case_image.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "case_label.nii.gz"))
+    kind = model_package.load(demo_package).network_kind
+
+    _, atlas_image, _ = packaging.atlas_case(kind, "case", tmp_path / "case_image.nii.gz",
+                                             tmp_path / "case_label.nii.gz", {})
+
+    expected = preprocess.to_model_grid(image, kind.config["input"]["spacing"], kind.config["input"]["orientation"])
+    np.testing.assert_allclose(sitk.GetArrayFromImage(atlas_image), sitk.GetArrayFromImage(expected), atol=1e-3)
+
+
 def test_package_command(demo_package, labelled_atlas, tmp_path):
     """`isseg package` as a subprocess: events, the package, and a refused mapping with exit code 3."""
     from engine_support import run_worker

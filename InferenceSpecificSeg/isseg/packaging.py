@@ -28,10 +28,9 @@ from safetensors.torch import load_file
 from . import model_package, protocol
 from .datasets import DATASET_FILE, read_msd_dataset
 from .errors import BadInputError, BadModelError
-from .io import read_image, resample_to
+from .io import read_image
 from .label_resampling import resample_labels_onto
 from .networks import NetworkKind, kind_for
-from .preprocess import AIR_HU
 from .terminology import describe_label
 
 ATLAS_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha")
@@ -206,8 +205,8 @@ def atlas_case(kind: NetworkKind, case_id: str, image_path: Path, label_path: Pa
         table[atlas_value] = package_value
     relabelled = sitk.GetImageFromArray(table[values])
     relabelled.CopyInformation(image)
-    grid = kind.prepare(image).model_image
-    return case_id, resample_to(image, grid, is_label=False, default_value=AIR_HU), resample_labels_onto(relabelled, grid)
+    prepared = kind.prepare(image)
+    return case_id, kind.atlas_image(image, prepared), resample_labels_onto(relabelled, prepared.model_image)
 
 
 def _network_entry(source: SourceNetwork, groups: list[list[int]]) -> dict:

@@ -12,6 +12,8 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import BadModelError
+from ..io import resample_to
+from ..preprocess import AIR_HU
 
 KIND_MONAI = "monai"
 KIND_NNUNET = "nnunet_v2"
@@ -57,6 +59,11 @@ class NetworkKind(ABC):
     @abstractmethod
     def predict_logits(self, network: torch.nn.Module, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The network's own whole-volume prediction: logits (1, C_net, z, y, x) float32 on the CPU."""
+
+    def atlas_image(self, image: sitk.Image, prepared: PreparedCase) -> sitk.Image:
+        """An atlas case's CT (HU, any grid) on the model grid of `prepared` (its own `prepare`), in HU:
+        linear interpolation, as nnU-Net's and MONAI's spacing transforms resample without smoothing."""
+        return resample_to(image, prepared.model_image, is_label=False, default_value=AIR_HU)
 
     @abstractmethod
     def probabilities_on_input(self, probabilities: np.ndarray, prepared: PreparedCase,

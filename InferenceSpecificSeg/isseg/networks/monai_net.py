@@ -39,6 +39,10 @@ class MonaiNetwork(NetworkKind):
     def normalize(self, hu: np.ndarray) -> np.ndarray:
         return np.asarray(normalize(hu, self.window), dtype=np.float32)
 
+    def atlas_image(self, image: sitk.Image, prepared: PreparedCase) -> sitk.Image:
+        # This kind's model image is the CT in HU as the network sees it (smoothed where finer than the grid).
+        return prepared.model_image
+
     def predict_logits(self, network, tensor, device) -> torch.Tensor:
         return predict_logits(network, tensor, self.patch_zyx, device)
 
