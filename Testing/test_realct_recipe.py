@@ -101,3 +101,54 @@ def test_rethreshold_chooses_the_thresholds_again_on_the_builds_own_validation_c
         [c["dice_at_0.5"] for c in built["thresholds_on_validation"]], nan_ok=True)
     assert [label.get("threshold") for label in again["labels"]] == \
         [c["threshold"] for c in again["thresholds_on_validation"]]
+
+
+def test_atlas_bodies_vary_their_organs_within_the_population_ranges_as_recorded(data_dir):
+    def liver_voxels(cases):
+        return [int((sitk.GetArrayFromImage(labels) == 1).sum()) for _, _, labels in cases]
+
+    plain, plain_records = recipe.atlas_cases(data_dir, (8.0, 8.0, 8.0), 2, seed=0, organ_variation=False)
+    varied, records = recipe.atlas_cases(data_dir, (8.0, 8.0, 8.0), 2, seed=0)
+    assert all("organ_volume_factors" not in record for record in plain_records.values())
+    for record in records.values():
+        factors = record["organ_volume_factors"]
+        assert set(factors) == set(recipe.av.ABDOMEN_ORGAN_VARIATION)
+        for name, factor in factors.items():
+            spread = recipe.av.CLIP_SD * recipe.av.ABDOMEN_ORGAN_VARIATION[name].volume_cv
+            assert 1 - spread - 0.01 <= factor <= 1 + spread + 0.01, (name, factor)
+    assert liver_voxels(varied) != liver_voxels(plain)
+    again, _ = recipe.atlas_cases(data_dir, (8.0, 8.0, 8.0), 2, seed=0)
+    assert all(np.array_equal(sitk.GetArrayFromImage(a[1]), sitk.GetArrayFromImage(b[1])) for a, b in zip(again, varied))
+
+
+def test_reatlas_writes_the_atlas_again_and_keeps_the_weights(data_dir, tmp_path):
+    output = tmp_path / "package"
+    recipe.main(["--data-dir", str(data_dir), "--output", str(output), "--steps", "2", "--device", "cpu", *SMALL,
+                 "--no-atlas-organ-variation"])
+    weights = (output / "model.safetensors").read_bytes()
+    before = model_package.load(output).config["model_card"]
+    assert before["recipe"]["atlas_organ_variation"] is False and "organ_volume_factors" not in \
+        before["atlas_cases"]["icrp_atlas_00"]
+
+    recipe.main(["--reatlas", str(output), "--data-dir", str(data_dir), "--atlas-cases", "2"])
+
+    package = model_package.load(output)
+    card = package.config["model_card"]
+    assert (output / "model.safetensors").read_bytes() == weights
+    assert [case.case_id for case in package.atlas_cases] == ["icrp_atlas_00", "icrp_atlas_01"]
+    assert card["recipe"]["atlas_organ_variation"] is True and card["recipe"]["atlas_cases"] == 2
+    assert "organ_volume_factors" in card["atlas_cases"]["icrp_atlas_01"] and "population" in card["atlas"]
+    assert package.config["version"] == recipe.VERSION and not (output / "atlas.new").exists()
+    rebuilt = recipe.parse_args(card["recipe"]["rebuild_command"].split()[3:])
+    assert rebuilt.atlas_organ_variation and rebuilt.atlas_cases == 2 and rebuilt.steps == 2
+
+
+def test_reatlas_refuses_a_folder_the_recipe_did_not_build_and_changes_nothing(demo_package, tmp_path):
+    import shutil
+
+    folder = tmp_path / "demo"
+    shutil.copytree(demo_package, folder)
+    before = sorted((path.name, path.stat().st_size) for path in folder.rglob("*"))
+    with pytest.raises(SystemExit, match="not a package built by scripts/train_realct_model.py"):
+        recipe.main(["--reatlas", str(folder)])
+    assert sorted((path.name, path.stat().st_size) for path in folder.rglob("*")) == before

@@ -2,6 +2,7 @@
 
     python scripts/train_realct_model.py [--data-dir ../shared/data] [--output DIR] [--steps 3000] [--device auto]
     python scripts/train_realct_model.py --rethreshold PACKAGE [--data-dir ../shared/data]
+    python scripts/train_realct_model.py --reatlas PACKAGE [--data-dir ../shared/data] [--atlas-cases 6]
 
 The model the Slicer user should try on a real CT (Slicer's "CTA abdomen (Panoramix)", "CTLiver"):
 a UNet trained on the anatomy of a real body, the ICRP Publication 110 adult male (a label map drawn
@@ -22,8 +23,12 @@ scanner's image is one more variant (the SynthSeg idea):
 (isseg.model_training.choose_thresholds), on its own validation cases (regenerated from the recipe's seeds),
 without training: what a new build of the same recipe would choose.
 
+`--reatlas PACKAGE` writes a build's atlas again with this recipe's atlas settings, without training.
+
 The atlas for inference-specific learning is 6 ICRP cases of the upper abdomen (portal venous phase)
-at the model spacing, written into the package. Weights trained on the ICRP data are not shipped (its
+at the model spacing, written into the package, each body with its organs resized and moved within the
+population's ranges (`--atlas-organ-variation`): refinement learns from the atlas aligned to the case, and
+an atlas of one body's organs taught every patient that body's spleen (BENCHMARKS.md section 7). Weights trained on the ICRP data are not shipped (its
 terms allow research use with citation, not clearly redistribution): this script rebuilds them, and
 the built-in phantom demo model stays the default. The package is written to
 <cache>/models/realct-abdomen-<version> ($ISSEG_CACHE or ~/.cache/isseg); select it with
@@ -54,7 +59,7 @@ from isseg.appearance import random_tissue_values  # noqa: E402
 from isseg.events import EventWriter  # noqa: E402
 from isseg.model_training import TrainSettings, rechoose_thresholds, train_package  # noqa: E402
 
-VERSION = "2.1"
+VERSION = "2.2"
 #: The model's labels; values 1..6 are those of the procedural phantoms (isseg.phantom.ORGAN_NAMES).
 LABELS = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right", 5: "aorta", 6: "gallbladder",
           7: "stomach", 8: "pancreas"}
@@ -80,14 +85,14 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 #: built with other settings gets these figures in its card only as those of that other recipe.
 MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.1 (benchmarks/realct_model.py)",
                      "code": "trained 2026-12-07 with the engine of fb78efa and this recipe; thresholds chosen with the "
-                             "rule of 1467b3e (--rethreshold: what a build at 1467b3e chooses); refined with the engine "
-                             "of 7f36de7",
+                             "rule of 1467b3e (--rethreshold: what a build at 1467b3e chooses); real CTs segmented and "
+                             "refined with the engine of 341e2e1 (a CT finer than the model grid smoothed first)",
                      "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
                                 "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25,
-                                "organ_variation": True},
-                     "real_abdominal_ct_dice": {"liver": [0.852, 0.921], "aorta": [0.821, 0.805],
-                                                "stomach": [0.426, 0.366], "spleen": [0.518, 0.340]},
-                     "real_chest_ct_aorta_dice_first_mask": 0.224,
+                                "organ_variation": True, "atlas_organ_variation": True},
+                     "real_abdominal_ct_dice": {"liver": [0.851, 0.918], "aorta": [0.818, 0.792],
+                                                "stomach": [0.416, 0.332], "spleen": [0.649, 0.373]},
+                     "real_chest_ct_aorta_dice_first_mask": 0.221,
                      "synthetic_first_mask_dice": {"icrp_body": 0.873, "icrp_body_40mm_slab": 0.578,
                                                    "icrp_body_organs_varied": 0.845, "shifted_phantoms": 0.685},
                      "shifted_phantoms_dice_10_cases": [0.690, 0.682]}
@@ -205,10 +210,11 @@ def phantom_spec(seed: int, rng: np.random.Generator) -> phantom.PhantomSpec:
                                fov_shift_mm=tuple(float(v) for v in rng.uniform(-20, 20, 3)))
 
 
-def varied_organs(trunk: sitk.Image, rng: np.random.Generator) -> tuple[sitk.Image, dict]:
-    """The trunk with its organs resized and moved over the training range (av.TRAINING_ORGAN_VARIATION);
-    and the record of what was drawn."""
-    changes = av.draw_organ_changes(rng, av.TRAINING_ORGAN_VARIATION)
+def varied_organs(trunk: sitk.Image, rng: np.random.Generator, variation=av.TRAINING_ORGAN_VARIATION,
+                  ) -> tuple[sitk.Image, dict]:
+    """The trunk with its organs resized and moved over `variation` (anatomy_variation.OrganVariation per
+    organ; by default the training range); and the record of what was drawn."""
+    changes = av.draw_organ_changes(rng, variation)
     body, folded = av.vary_anatomy(trunk, av.icrp_abdomen_organs(), changes)
     return body, {"organ_volume_factors": {name: round(change.scale ** 3, 2) for name, change in changes.items()},
                   "organ_shifts_mm": {name: [round(v, 1) for v in change.shift_mm] for name, change in changes.items()},
@@ -242,23 +248,30 @@ def write_dataset(folder: Path, data_dir: Path, spacing, icrp_cases: int, phanto
     return records
 
 
-def atlas_cases(data_dir: Path, spacing, count: int, seed: int) -> list[tuple[str, sitk.Image, sitk.Image]]:
-    """(id, image HU, labels) of the atlas: upper-abdomen ICRP cases, portal venous phase, mild variation."""
+def atlas_cases(data_dir: Path, spacing, count: int, seed: int, organ_variation: bool = True,
+                ) -> tuple[list[tuple[str, sitk.Image, sitk.Image]], dict]:
+    """The atlas: [(id, image HU, labels)] of upper-abdomen ICRP cases, portal venous phase, mild deformation,
+    each body's organs resized and moved within the population's ranges (av.ABDOMEN_ORGAN_VARIATION) when
+    `organ_variation`; and the record of each case."""
     trunk = icrp_trunk(data_dir / "icrp110", spacing)
     tissue_hu = sct.icrp_tissue_hu(data_dir / "icrp110")
-    cases = []
+    cases, records = [], {}
     for index in range(count):
         rng = np.random.default_rng([seed, 5000 + index])
-        image, labels, _ = icrp_case(trunk, tissue_hu, rng, ATLAS_VARIATION, "portal_venous", atlas=True)
-        cases.append((f"icrp_atlas_{index:02d}", image, labels))
-    return cases
+        body, organs = varied_organs(trunk, rng, av.ABDOMEN_ORGAN_VARIATION) if organ_variation else (trunk, {})
+        image, labels, record = icrp_case(body, tissue_hu, rng, ATLAS_VARIATION, "portal_venous", atlas=True)
+        case_id = f"icrp_atlas_{index:02d}"
+        cases.append((case_id, image, labels))
+        records[case_id] = {"source": "ICRP 110 adult male", "seed": [seed, 5000 + index], **record, **organs}
+    return cases, records
 
 
 def recipe_of(args) -> dict:
     """The settings that decide the model (what MEASURED_ACCURACY["recipe"] records)."""
     return {"seed": args.seed, "steps": args.steps, "spacing_mm": [float(v) for v in args.spacing],
             "patch": list(args.patch), "icrp_cases": args.icrp_cases, "phantom_cases": args.phantom_cases,
-            "short_scans": args.short_scans, "organ_variation": args.organ_variation}
+            "short_scans": args.short_scans, "organ_variation": args.organ_variation,
+            "atlas_organ_variation": args.atlas_organ_variation}
 
 
 def rebuild_command(args) -> str:
@@ -267,12 +280,25 @@ def rebuild_command(args) -> str:
             f"--seed {args.seed} --steps {args.steps} --spacing {' '.join(f'{v:g}' for v in args.spacing)} "
             f"--patch {' '.join(map(str, args.patch))} --icrp-cases {args.icrp_cases} "
             f"--phantom-cases {args.phantom_cases} --atlas-cases {args.atlas_cases} --short-scans {args.short_scans:g} "
-            + ("--organ-variation" if args.organ_variation else "--no-organ-variation"))
+            + ("--organ-variation" if args.organ_variation else "--no-organ-variation")
+            + (" --atlas-organ-variation" if args.atlas_organ_variation else " --no-atlas-organ-variation"))
 
 
-def model_card(config: dict, args, records: dict, minutes: float) -> dict:
+def measured_accuracy(args) -> dict:
+    """MEASURED_ACCURACY where `args` are its recipe, else a note that this recipe was not measured."""
+    if MEASURED_ACCURACY["recipe"] == recipe_of(args):
+        return MEASURED_ACCURACY
+    return {"this_recipe": "not measured", "other_recipe": MEASURED_ACCURACY}
+
+
+def atlas_description(args) -> str:
+    return (f"{args.atlas_cases} ICRP upper-abdomen cases, portal venous phase, at the model spacing"
+            + (", each body's organs resized and moved within the population's ranges (anatomy_variation."
+               "ABDOMEN_ORGAN_VARIATION)." if args.atlas_organ_variation else "."))
+
+
+def model_card(config: dict, args, records: dict, atlas_records: dict, minutes: float) -> dict:
     """What the model is, what it was trained on, what it is for and how well it did (stored in model.json)."""
-    measured = MEASURED_ACCURACY["recipe"] == recipe_of(args)
     curves = config["training"]["curves"]
     return {
         "intended_use": "Trying InferenceSpecificSeg on a real abdominal CT (for example Slicer's sample CTs). "
@@ -284,17 +310,17 @@ def model_card(config: dict, args, records: dict, minutes: float) -> dict:
                          f"lower chest, random phase and tissue intensities) and {args.phantom_cases} procedural "
                          "phantoms (isseg.phantom); appearance re-randomised per patch (isseg.appearance), a share of the "
                          f"patches ({args.short_scans:g}) cut to short scans (isseg.short_scans).",
-        "atlas": f"{args.atlas_cases} ICRP upper-abdomen cases, portal venous phase, at the model spacing.",
+        "atlas": atlas_description(args),
         "limitations": "One body's anatomy (an adult male, arms down): other bodies, women, children, pathology "
                        "and metal are unseen; labels follow the ICRP segmentation, not a clinical guideline.",
-        "measured_accuracy": MEASURED_ACCURACY if measured else
-        {"this_recipe": "not measured", "other_recipe": MEASURED_ACCURACY},
+        "measured_accuracy": measured_accuracy(args),
         "validation_dice_synthetic": curves["validation_dice"][-1:],
         "recipe": {"script": "scripts/train_realct_model.py", **recipe_of(args), "atlas_cases": args.atlas_cases,
                    "rebuild_command": rebuild_command(args), "training_minutes": round(minutes, 1),
                    "seconds_per_step": round(float(np.mean(curves["seconds_per_step"])), 3),
                    "device": config["training"]["device"]},
         "cases": records,
+        "atlas_cases": atlas_records,
     }
 
 
@@ -312,10 +338,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="share of the training patches cut to a short scan (isseg.short_scans)")
     parser.add_argument("--organ-variation", action=argparse.BooleanOptionalAction, default=True,
                         help="resize and move each organ of the ICRP training bodies (anatomy_variation.py)")
+    parser.add_argument("--atlas-organ-variation", action=argparse.BooleanOptionalAction, default=True,
+                        help="resize and move each organ of the atlas bodies within the population's ranges")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rethreshold", type=Path, default=None, metavar="PACKAGE",
                         help="choose the thresholds of a built package again, with today's rule, and exit")
+    parser.add_argument("--reatlas", type=Path, default=None, metavar="PACKAGE",
+                        help="write a built package's atlas again with this recipe's atlas options, and exit")
     return parser.parse_args(argv)
 
 
@@ -334,10 +364,11 @@ def build(args, work: Path, started: float) -> Path:
                               "on a real CT only: not for clinical use.")
     config = json.loads((package / protocol.MODEL_FILE).read_text(encoding="utf-8"))
     shutil.rmtree(package / "atlas")
-    model_package.write_atlas(package / "atlas", atlas_cases(args.data_dir, tuple(args.spacing),
-                                                             args.atlas_cases, args.seed))
+    atlas, atlas_records = atlas_cases(args.data_dir, tuple(args.spacing), args.atlas_cases, args.seed,
+                                       args.atlas_organ_variation)
+    model_package.write_atlas(package / "atlas", atlas)
     config.update(version=VERSION, license=LICENSE, citation=CITATION,
-                  model_card=model_card(config, args, records, (time.monotonic() - started) / 60))
+                  model_card=model_card(config, args, records, atlas_records, (time.monotonic() - started) / 60))
     (package / protocol.MODEL_FILE).write_text(json.dumps(config, indent=1), encoding="utf-8")
     return package
 
@@ -352,8 +383,45 @@ def rethreshold(package_dir: Path, data_dir: Path, device_name: str) -> list[dic
         return rechoose_thresholds(Path(work), package_dir, EventWriter(mode="bar"), device_name)
 
 
+def settings_of_build(package_dir: Path, args) -> argparse.Namespace:
+    """The recipe a package was built with (its model card), with the atlas options of `args`."""
+    config = json.loads((package_dir / protocol.MODEL_FILE).read_text(encoding="utf-8")) \
+        if (package_dir / protocol.MODEL_FILE).is_file() else {}
+    recipe = config.get("model_card", {}).get("recipe", {})
+    if recipe.get("script") != "scripts/train_realct_model.py":
+        raise SystemExit(f"'{package_dir}' is not a package built by scripts/train_realct_model.py (no such model "
+                         "card in its model.json): nothing was changed. Give the folder the build wrote.")
+    built = {key: recipe[key] for key in ("seed", "steps", "patch", "icrp_cases", "phantom_cases", "short_scans")}
+    return argparse.Namespace(**{**vars(args), **built, "spacing": recipe["spacing_mm"],
+                                 "organ_variation": recipe.get("organ_variation", False)})
+
+
+def reatlas(package_dir: Path, args) -> list[str]:
+    """Write the atlas of a built package again with the atlas options of `args` (seed and spacing of the
+    build), swap it in and update the model card and version; the weights stay. Returns the case ids."""
+    built = settings_of_build(package_dir, args)
+    cases, records = atlas_cases(args.data_dir, tuple(built.spacing), built.atlas_cases, built.seed,
+                                 built.atlas_organ_variation)
+    fresh = package_dir / "atlas.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    model_package.write_atlas(fresh, cases)
+    shutil.rmtree(package_dir / "atlas")
+    fresh.rename(package_dir / "atlas")
+    config_path = package_dir / protocol.MODEL_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    card = config["model_card"]
+    card.update(atlas=atlas_description(built), atlas_cases=records, measured_accuracy=measured_accuracy(built))
+    card["recipe"].update(recipe_of(built), atlas_cases=built.atlas_cases, rebuild_command=rebuild_command(built))
+    config["version"] = VERSION
+    config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return list(records)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.reatlas:
+        print(f"Atlas of {args.reatlas} written again: {', '.join(reatlas(args.reatlas, args))}.")
+        return
     if args.rethreshold:
         for choice in rethreshold(args.rethreshold, args.data_dir, args.device):
             print(f"label {choice['value']}: threshold {choice['threshold']} (Dice at 0.5: {choice['dice_at_0.5']:.3f})")
