@@ -4,6 +4,7 @@ and the varied body differs from the plain one in its organs."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,3 +43,17 @@ def test_the_anatomy_measurement_runs_the_built_in_demo_model_by_name(tmp_path):
     table = (results / "anatomy.md").read_text(encoding="utf-8")
     assert table.startswith("| model | Dice on phantoms (shifted) | Dice on ICRP adult male | Dice on ICRP, 40 mm slab")
     assert "| demo | " in table
+
+
+def test_an_atlas_draw_is_a_copy_of_the_weights_with_its_own_atlas_reused_when_there(tmp_path, demo_package):
+    write_fake_icrp(tmp_path / "icrp110")
+    plain = realct_model.package_with_atlas(demo_package, "none:1:0", tmp_path, tmp_path / "plain")
+    varied = realct_model.package_with_atlas(demo_package, "population:2:0", tmp_path, tmp_path / "varied")
+    for folder in (plain, varied):
+        assert (folder / "model.safetensors").read_bytes() == (demo_package / "model.safetensors").read_bytes()
+    manifests = [json.loads((folder / "atlas" / "manifest.json").read_text(encoding="utf-8")) for folder in (plain, varied)]
+    assert [len(m["cases"]) for m in manifests] == [1, 2]
+    assert manifests[0]["cases"][0]["sha256"] != manifests[1]["cases"][0]["sha256"]  # the organs were varied
+    written = (varied / "atlas" / "manifest.json").stat().st_mtime_ns
+    realct_model.package_with_atlas(demo_package, "population:2:0", tmp_path, varied)
+    assert (varied / "atlas" / "manifest.json").stat().st_mtime_ns == written

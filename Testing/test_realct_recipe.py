@@ -107,7 +107,7 @@ def test_atlas_bodies_vary_their_organs_within_the_population_ranges_as_recorded
     def liver_voxels(cases):
         return [int((sitk.GetArrayFromImage(labels) == 1).sum()) for _, _, labels in cases]
 
-    plain, plain_records = recipe.atlas_cases(data_dir, (8.0, 8.0, 8.0), 2, seed=0, organ_variation=False)
+    plain, plain_records = recipe.atlas_cases(data_dir, (8.0, 8.0, 8.0), 2, seed=0, organ_variation=None)
     varied, records = recipe.atlas_cases(data_dir, (8.0, 8.0, 8.0), 2, seed=0)
     assert all("organ_volume_factors" not in record for record in plain_records.values())
     for record in records.values():

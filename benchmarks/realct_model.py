@@ -2,6 +2,7 @@
 
     python benchmarks/realct_model.py real --model NAME=PACKAGE ... [--data-dir ../shared/data] [--results DIR]
     python benchmarks/realct_model.py anatomy --model NAME=PACKAGE ... [--cases 10] [--results DIR]
+    python benchmarks/realct_model.py atlas --model NAME=PACKAGE [--draws population:6:0 ...] [--results DIR]
 
 `real`: every real CT beside the project that has a reference for an organ the models know (the
 20-slice upper-abdomen DICOM with TotalSegmentator labels; the chest crop with an aorta mask; the
@@ -14,12 +15,18 @@ procedural phantoms (isseg.phantom.shifted_spec, seeds 2000...), synthetic CT of
 (held-out seeds), the same cases cut to a 40 mm slab through the spleen (a short scan like the real CT), and
 the same body with its organs resized and moved (anatomy_variation); Dice on the organs every kind of case
 has (anatomy.md, anatomy.csv).
+
+`atlas`: how much refinement on the 20-slice abdominal CT depends on the atlas: the first model's weights
+with atlases drawn as VARIATION:CASES:SEED (train_realct_model.atlas_cases; VARIATION of
+ATLAS_ORGAN_VARIATIONS: the ICRP man's own organs, the population's ranges, the training range), each
+refined with `isseg refine` defaults; Dice per organ and draw (atlas_draws.md, atlas_draws.csv).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +43,7 @@ import real_anatomy_reports as reports  # noqa: E402
 from real_anatomy_plans import TOTALSEG_NAME  # noqa: E402
 import synthetic_ct as sct  # noqa: E402
 import train_realct_model as recipe  # noqa: E402
-from isseg import model_package, phantom  # noqa: E402
+from isseg import model_package, phantom, protocol  # noqa: E402
 from isseg.commands.options import resolve_model  # noqa: E402
 from isseg.io import read_image, resample_to  # noqa: E402
 from isseg.metrics import dice_per_label  # noqa: E402
@@ -49,6 +56,11 @@ SHARED_ORGANS = dict(enumerate(phantom.ORGAN_NAMES, start=1))
 ANATOMY_TEST_SEED = 9  # ICRP test cases: rng [9, index], apart from the recipe's training seeds [0, ...]
 SLAB_MM = 40.0  # the axial extent of the real 20-slice abdominal CT beside the project
 SPLEEN = next(value for value, name in recipe.LABELS.items() if name == "spleen")
+#: Organ variation of the atlas bodies by name (`atlas` draws).
+ATLAS_ORGAN_VARIATIONS = {"none": None, "population": variation.ABDOMEN_ORGAN_VARIATION,
+                          "training": variation.TRAINING_ORGAN_VARIATION}
+DEFAULT_ATLAS_DRAWS = [f"{kind}:6:{seed}" for kind in ("none", "population") for seed in (0, 1, 2)] + \
+    ["population:10:0", "population:10:1", "training:6:0"]
 
 
 def real_cases(data_dir: Path) -> list[dict]:
@@ -85,6 +97,53 @@ def organ_rows(model: str, case: dict, variant: str, prediction: np.ndarray, ref
                      "predicted_ml": round(float(predicted.sum()) * voxel_ml, 1),
                      "reference_ml": round(float(truth.sum()) * voxel_ml, 1)})
     return rows
+
+
+def package_with_atlas(package: Path, draw: str, data_dir: Path, folder: Path) -> Path:
+    """A copy of `package` (model.json, weights) in `folder` whose atlas is drawn as VARIATION:CASES:SEED;
+    an existing one is reused."""
+    if (folder / protocol.ATLAS_MANIFEST).is_file():
+        return folder
+    kind, count, seed = draw.split(":")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (protocol.MODEL_FILE, protocol.WEIGHTS_FILE):
+        shutil.copy2(package / name, folder / name)
+    spacing = json.loads((package / protocol.MODEL_FILE).read_text(encoding="utf-8"))["input"]["spacing"]
+    cases, _ = recipe.atlas_cases(data_dir, tuple(spacing), int(count), int(seed), ATLAS_ORGAN_VARIATIONS[kind])
+    model_package.write_atlas(folder / "atlas", cases)
+    return folder
+
+
+def run_atlas(args) -> None:
+    model, package = args.model[0]
+    case = real_cases(args.data_dir)[0]
+    image = read_image(case["input"])
+    reference = reference_on(image, case["reference"])
+    names = {label["value"]: label["name"] for label in model_package.load(package, check_atlas=False).labels}
+    rows = []
+    for draw in args.draws:
+        name = f"{model}_atlas_{draw.replace(':', '_')}"
+        folder = package_with_atlas(Path(package), draw, args.data_dir, args.work / name / "package")
+        for variant, mask in refined_masks(args, name, str(folder), case).items():
+            rows.extend(organ_rows(draw, case, variant, mask, reference, names,
+                                   float(np.prod(image.GetSpacing())) / 1000.0))
+    args.results.mkdir(parents=True, exist_ok=True)
+    reports.write_csv(rows, args.results / "atlas_draws.csv")
+    (args.results / "atlas_draws.md").write_text(atlas_markdown(rows), encoding="utf-8")
+    print((args.results / "atlas_draws.md").read_text(encoding="utf-8"))
+
+
+def atlas_markdown(rows: list[dict]) -> str:
+    organs = [o for o in dict.fromkeys(r["organ"] for r in rows)
+              if any(r["organ"] == o and not np.isnan(r["dice"]) for r in rows)]
+    cell = {(r["model"], r["variant"], r["organ"]): f"{format_number(r['dice'])} ({r['predicted_ml']:.0f} ml)"
+            for r in rows}
+    draws = list(dict.fromkeys(r["model"] for r in rows))
+    lines = ["| atlas (organ variation:cases:seed) | " + " | ".join(organs) + " |", "|---|" + "---|" * len(organs),
+             "| first mask (any atlas) | " + " | ".join(cell[(draws[0], "initial", o)] for o in organs) + " |"]
+    lines += [f"| {draw}, after ISL | " + " | ".join(cell[(draw, "refined", o)] for o in organs) + " |"
+              for draw in draws]
+    return "\n".join(lines) + "\n\nDice (predicted volume) on the 20-slice abdominal CT against TotalSegmentator's labels.\n"
 
 
 def run_real(args) -> None:
@@ -275,7 +334,7 @@ def anatomy_markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=("real", "anatomy"))
+    parser.add_argument("part", choices=("real", "anatomy", "atlas"))
     parser.add_argument("--model", nargs="+", required=True, type=lambda text: tuple(text.split("=", 1)),
                         help="NAME=PACKAGE (a package folder, or 'demo'); the first one is drawn in the figure")
     parser.add_argument("--data-dir", type=Path, default=sct.DEFAULT_DATA_DIR)
@@ -285,13 +344,15 @@ def main(argv=None) -> int:
                         help="real: MODEL:CASE pairs refined with ISL (default every pair; the others get the "
                              "first mask only), cases abdomen_dicom and chest_b")
     parser.add_argument("--cases", type=int, default=10, help="anatomy: test cases of each kind")
+    parser.add_argument("--draws", nargs="+", default=DEFAULT_ATLAS_DRAWS,
+                        help="atlas: VARIATION:CASES:SEED per atlas, VARIATION one of " + ", ".join(ATLAS_ORGAN_VARIATIONS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.model = [(name, str(resolve_model(package))) for name, package in args.model]
     if args.refine is None:
         args.refine = [(name, case) for name, _ in args.model for case in ("abdomen_dicom", "chest_b")]
-    (run_real if args.part == "real" else run_anatomy)(args)
+    {"real": run_real, "anatomy": run_anatomy, "atlas": run_atlas}[args.part](args)
     return 0
 
 

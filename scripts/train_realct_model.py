@@ -248,22 +248,27 @@ def write_dataset(folder: Path, data_dir: Path, spacing, icrp_cases: int, phanto
     return records
 
 
-def atlas_cases(data_dir: Path, spacing, count: int, seed: int, organ_variation: bool = True,
+def atlas_cases(data_dir: Path, spacing, count: int, seed: int, organ_variation=av.ABDOMEN_ORGAN_VARIATION,
                 ) -> tuple[list[tuple[str, sitk.Image, sitk.Image]], dict]:
     """The atlas: [(id, image HU, labels)] of upper-abdomen ICRP cases, portal venous phase, mild deformation,
-    each body's organs resized and moved within the population's ranges (av.ABDOMEN_ORGAN_VARIATION) when
-    `organ_variation`; and the record of each case."""
+    each body's organs resized and moved over `organ_variation` (name -> anatomy_variation.OrganVariation;
+    by default the population's ranges; None keeps the ICRP man's organs); and the record of each case."""
     trunk = icrp_trunk(data_dir / "icrp110", spacing)
     tissue_hu = sct.icrp_tissue_hu(data_dir / "icrp110")
     cases, records = [], {}
     for index in range(count):
         rng = np.random.default_rng([seed, 5000 + index])
-        body, organs = varied_organs(trunk, rng, av.ABDOMEN_ORGAN_VARIATION) if organ_variation else (trunk, {})
+        body, organs = varied_organs(trunk, rng, organ_variation) if organ_variation is not None else (trunk, {})
         image, labels, record = icrp_case(body, tissue_hu, rng, ATLAS_VARIATION, "portal_venous", atlas=True)
         case_id = f"icrp_atlas_{index:02d}"
         cases.append((case_id, image, labels))
         records[case_id] = {"source": "ICRP 110 adult male", "seed": [seed, 5000 + index], **record, **organs}
     return cases, records
+
+
+def atlas_organ_variation(args):
+    """The organ variation of the atlas bodies the options ask for (atlas_cases)."""
+    return av.ABDOMEN_ORGAN_VARIATION if args.atlas_organ_variation else None
 
 
 def recipe_of(args) -> dict:
@@ -365,7 +370,7 @@ def build(args, work: Path, started: float) -> Path:
     config = json.loads((package / protocol.MODEL_FILE).read_text(encoding="utf-8"))
     shutil.rmtree(package / "atlas")
     atlas, atlas_records = atlas_cases(args.data_dir, tuple(args.spacing), args.atlas_cases, args.seed,
-                                       args.atlas_organ_variation)
+                                       atlas_organ_variation(args))
     model_package.write_atlas(package / "atlas", atlas)
     config.update(version=VERSION, license=LICENSE, citation=CITATION,
                   model_card=model_card(config, args, records, atlas_records, (time.monotonic() - started) / 60))
@@ -401,7 +406,7 @@ def reatlas(package_dir: Path, args) -> list[str]:
     build), swap it in and update the model card and version; the weights stay. Returns the case ids."""
     built = settings_of_build(package_dir, args)
     cases, records = atlas_cases(args.data_dir, tuple(built.spacing), built.atlas_cases, built.seed,
-                                 built.atlas_organ_variation)
+                                 atlas_organ_variation(built))
     fresh = package_dir / "atlas.new"
     shutil.rmtree(fresh, ignore_errors=True)
     model_package.write_atlas(fresh, cases)
