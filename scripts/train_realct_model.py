@@ -83,19 +83,20 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 #: the real 20-slice abdominal CT beside the project (and the mean over organs on the 10 shifted phantoms of
 #: benchmarks/evaluate_phantoms.sh), first mask -> after `isseg refine` (defaults). A model
 #: built with other settings gets these figures in its card only as those of that other recipe.
-MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.1 (benchmarks/realct_model.py)",
+MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.2 (benchmarks/realct_model.py)",
                      "code": "trained 2026-12-07 with the engine of fb78efa and this recipe; thresholds chosen with the "
-                             "rule of 1467b3e (--rethreshold: what a build at 1467b3e chooses); real CTs segmented and "
-                             "refined with the engine of 341e2e1 (a CT finer than the model grid smoothed first)",
+                             "rule of 1467b3e (--rethreshold: what a build at 1467b3e chooses); atlas written by "
+                             "--reatlas of 0bd5e88; real CTs segmented and refined with the engine of 341e2e1 (a CT "
+                             "finer than the model grid smoothed first)",
                      "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
                                 "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25,
                                 "organ_variation": True, "atlas_organ_variation": True},
-                     "real_abdominal_ct_dice": {"liver": [0.851, 0.918], "aorta": [0.818, 0.792],
-                                                "stomach": [0.416, 0.332], "spleen": [0.649, 0.373]},
+                     "real_abdominal_ct_dice": {"liver": [0.851, 0.914], "aorta": [0.818, 0.804],
+                                                "stomach": [0.416, 0.358], "spleen": [0.649, 0.779]},
                      "real_chest_ct_aorta_dice_first_mask": 0.221,
                      "synthetic_first_mask_dice": {"icrp_body": 0.873, "icrp_body_40mm_slab": 0.578,
                                                    "icrp_body_organs_varied": 0.845, "shifted_phantoms": 0.685},
-                     "shifted_phantoms_dice_10_cases": [0.690, 0.682]}
+                     "shifted_phantoms_dice_10_cases": [0.690, 0.692]}
 
 
 @dataclass(frozen=True)
