@@ -120,13 +120,13 @@ def run_atlas(args) -> None:
     image = read_image(case["input"])
     reference = reference_on(image, case["reference"])
     names = {label["value"]: label["name"] for label in model_package.load(package, check_atlas=False).labels}
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     rows = []
     for draw in args.draws:
         name = f"{model}_atlas_{draw.replace(':', '_')}"
         folder = package_with_atlas(Path(package), draw, args.data_dir, args.work / name / "package")
         for variant, mask in refined_masks(args, name, str(folder), case).items():
-            rows.extend(organ_rows(draw, case, variant, mask, reference, names,
-                                   float(np.prod(image.GetSpacing())) / 1000.0))
+            rows.extend(organ_rows(draw, case, variant, mask, reference, names, voxel_ml))
     args.results.mkdir(parents=True, exist_ok=True)
     reports.write_csv(rows, args.results / "atlas_draws.csv")
     (args.results / "atlas_draws.md").write_text(atlas_markdown(rows), encoding="utf-8")

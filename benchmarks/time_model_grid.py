@@ -61,13 +61,14 @@ def main(argv=None) -> None:
     image.SetSpacing(tuple(args.spacing))
     del array
     grid = io.model_grid(image, args.model_spacing, "LPS")
-    plain_s, plain = best_seconds(lambda: io.resample_to(image, grid, is_label=False,
-                                                         default_value=preprocess.AIR_HU), args.repeats)
+    plain_s, plain = best_seconds(lambda: io.resample_to(image, io.model_grid(image, args.model_spacing, "LPS"),
+                                                         is_label=False, default_value=preprocess.AIR_HU),
+                                  args.repeats)
     before_mib = peak_rss_mib()
     smoothed_s, smoothed = best_seconds(lambda: preprocess.to_model_grid(image, args.model_spacing, "LPS"),
                                         args.repeats)
     print(f"CT {args.size} voxels at {args.spacing} mm -> {args.model_spacing} mm "
-          f"(sigmas {[round(s, 2) for s in preprocess.antialiasing_sigmas_mm(image, args.model_spacing, 'LPS')]} mm)")
+          f"(sigmas {[round(s, 2) for s in preprocess.antialiasing_sigmas_mm(image, grid)]} mm)")
     print(f"resampling alone: {plain_s:.2f} s, noise SD {noise_sd(plain):.1f} HU (input {NOISE_SD_HU:.0f})")
     print(f"smoothing + resampling: {smoothed_s:.2f} s ({smoothed_s / plain_s:.1f} x), noise SD {noise_sd(smoothed):.1f} HU")
     print(f"peak RSS: {before_mib:.0f} MiB before the smoothed runs, {peak_rss_mib():.0f} MiB after")

@@ -57,6 +57,7 @@ import synthetic_ct as sct  # noqa: E402  (the ICRP phantom and CT synthesis of 
 from isseg import model_package, phantom, protocol  # noqa: E402
 from isseg.appearance import random_tissue_values  # noqa: E402
 from isseg.events import EventWriter  # noqa: E402
+from isseg.io import write_text_atomic  # noqa: E402
 from isseg.model_training import TrainSettings, rechoose_thresholds, train_package  # noqa: E402
 
 VERSION = "2.2"
@@ -379,18 +380,19 @@ def build(args, work: Path, started: float) -> Path:
     return package
 
 
-def rethreshold(package_dir: Path, data_dir: Path, device_name: str) -> list[dict]:
+def rethreshold(package_dir: Path, args) -> list[dict]:
     """Choose the thresholds of a built package again on its validation cases, regenerated from the recipe of
     its model card (isseg.model_training.rechoose_thresholds); returns the choices."""
-    recipe = json.loads((package_dir / protocol.MODEL_FILE).read_text(encoding="utf-8"))["model_card"]["recipe"]
+    built = settings_of_build(package_dir, args)
     with tempfile.TemporaryDirectory() as work:
-        write_dataset(Path(work), data_dir, tuple(recipe["spacing_mm"]), recipe["icrp_cases"], recipe["phantom_cases"],
-                      recipe["seed"], recipe.get("organ_variation", False))
-        return rechoose_thresholds(Path(work), package_dir, EventWriter(mode="bar"), device_name)
+        write_dataset(Path(work), args.data_dir, tuple(built.spacing), built.icrp_cases, built.phantom_cases,
+                      built.seed, built.organ_variation)
+        return rechoose_thresholds(Path(work), package_dir, EventWriter(mode="bar"), args.device)
 
 
 def settings_of_build(package_dir: Path, args) -> argparse.Namespace:
-    """The recipe a package was built with (its model card), with the atlas options of `args`."""
+    """The recipe a package was built with (its model card), with the atlas options of `args`; SystemExit,
+    changing nothing, for a folder this script did not build."""
     config = json.loads((package_dir / protocol.MODEL_FILE).read_text(encoding="utf-8")) \
         if (package_dir / protocol.MODEL_FILE).is_file() else {}
     recipe = config.get("model_card", {}).get("recipe", {})
@@ -408,18 +410,21 @@ def reatlas(package_dir: Path, args) -> list[str]:
     built = settings_of_build(package_dir, args)
     cases, records = atlas_cases(args.data_dir, tuple(built.spacing), built.atlas_cases, built.seed,
                                  atlas_organ_variation(built))
-    fresh = package_dir / "atlas.new"
-    shutil.rmtree(fresh, ignore_errors=True)
+    fresh, old = package_dir / "atlas.new", package_dir / "atlas.old"
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
     model_package.write_atlas(fresh, cases)
-    shutil.rmtree(package_dir / "atlas")
+    # Renames only, after the new atlas is whole: an interruption leaves the old or the new atlas complete.
+    (package_dir / "atlas").rename(old)
     fresh.rename(package_dir / "atlas")
+    shutil.rmtree(old)
     config_path = package_dir / protocol.MODEL_FILE
     config = json.loads(config_path.read_text(encoding="utf-8"))
     card = config["model_card"]
     card.update(atlas=atlas_description(built), atlas_cases=records, measured_accuracy=measured_accuracy(built))
     card["recipe"].update(recipe_of(built), atlas_cases=built.atlas_cases, rebuild_command=rebuild_command(built))
     config["version"] = VERSION
-    config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    write_text_atomic(json.dumps(config, indent=1), config_path)
     return list(records)
 
 
@@ -429,7 +434,7 @@ def main(argv=None) -> None:
         print(f"Atlas of {args.reatlas} written again: {', '.join(reatlas(args.reatlas, args))}.")
         return
     if args.rethreshold:
-        for choice in rethreshold(args.rethreshold, args.data_dir, args.device):
+        for choice in rethreshold(args.rethreshold, args):
             print(f"label {choice['value']}: threshold {choice['threshold']} (Dice at 0.5: {choice['dice_at_0.5']:.3f})")
         return
     output = args.output or model_package.cache_dir() / "models" / f"realct-abdomen-{VERSION}"

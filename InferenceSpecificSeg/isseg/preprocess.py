@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from monai.transforms import ScaleIntensityRange
 
-from .io import model_grid, model_grid_geometry, resample_to
+from .io import model_grid, resample_to
 
 AIR_HU = -1024.0
 #: Full width at half maximum of a Gaussian, in units of its standard deviation.
@@ -24,25 +24,27 @@ def to_model_grid(image: sitk.Image, spacing_mm, orientation: str) -> sitk.Image
     the model learnt from images whose voxels average the tissue they cover, as a CT reconstructed at the
     model's spacing does, and linear interpolation alone would point-sample a fine CT's noise and texture
     (on a real 1 mm abdominal CT at 3 mm that halved the spleen the model found)."""
-    sigmas = antialiasing_sigmas_mm(image, spacing_mm, orientation)
+    grid = model_grid(image, spacing_mm, orientation)
+    sigmas = antialiasing_sigmas_mm(image, grid)
     if any(sigma > 0 for sigma in sigmas):
         smoothing = sitk.DiscreteGaussianImageFilter()
         smoothing.SetVariance([sigma ** 2 for sigma in sigmas])
         smoothing.SetUseImageSpacing(True)
         smoothing.SetMaximumKernelWidth(128)
         image = smoothing.Execute(sitk.Cast(image, sitk.sitkFloat32))
-    return resample_to(image, model_grid(image, spacing_mm, orientation), is_label=False, default_value=AIR_HU)
+    return resample_to(image, grid, is_label=False, default_value=AIR_HU)
 
 
-def antialiasing_sigmas_mm(image: sitk.Image, spacing_mm, orientation: str) -> list[float]:
-    """Per axis of `image` (x, y, z): the SD (mm) of the Gaussian that widens its voxel to the model's voxel
-    along that axis (FWHM sqrt(model spacing^2 - image spacing^2)); 0 where the image is as coarse or coarser."""
-    _, _, model_direction = model_grid_geometry(image, spacing_mm, orientation)
+def antialiasing_sigmas_mm(image: sitk.Image, grid: sitk.Image) -> list[float]:
+    """Per axis of `image` (x, y, z): the SD (mm) of the Gaussian that widens its voxel to the voxel of `grid`
+    (the model grid) along that axis (FWHM sqrt(grid spacing^2 - image spacing^2)); 0 where the image is as
+    coarse or coarser."""
+    grid_direction = np.array(grid.GetDirection()).reshape(3, 3)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     sigmas = []
     for axis, spacing in enumerate(image.GetSpacing()):
-        model_axis = int(np.argmax(np.abs(model_direction.T @ direction[:, axis])))
-        sigmas.append(float(np.sqrt(max(float(spacing_mm[model_axis]) ** 2 - spacing ** 2, 0.0)) / FWHM_PER_SD))
+        grid_axis = int(np.argmax(np.abs(grid_direction.T @ direction[:, axis])))
+        sigmas.append(float(np.sqrt(max(grid.GetSpacing()[grid_axis] ** 2 - spacing ** 2, 0.0)) / FWHM_PER_SD))
     return sigmas
 
 
