@@ -209,3 +209,26 @@ def test_softmax_in_place_equals_torch_softmax_and_keeps_no_second_volume():
     result = softmax_in_place(logits)
     assert result.data_ptr() == logits.data_ptr()  # a clinical-size second volume is a GiB
     assert torch.allclose(result, expected, atol=1e-6)
+
+
+def test_an_isseg_package_keeps_its_label_thresholds_with_a_new_atlas(demo_package, labelled_atlas, tmp_path):
+    """The per-label thresholds of an isseg package (chosen on its validation data) belong to its network:
+    re-packaged with another atlas, the same organs keep them, or the same CT would get another mask."""
+    import shutil
+
+    from isseg import model_package
+
+    source = tmp_path / "tuned"
+    shutil.copytree(demo_package, source)
+    config = json.loads((source / "model.json").read_text(encoding="utf-8"))
+    for label in config["labels"]:
+        label["threshold"] = {"spleen": 0.8, "aorta": 0.35}.get(label["name"], label.get("threshold"))
+    thresholds = {label["name"]: label["threshold"] for label in config["labels"] if label["threshold"] is not None}
+    assert len(thresholds) >= 2
+    (source / "model.json").write_text(json.dumps(config), encoding="utf-8")
+
+    packaging.build_package(packaging.read_network(source), labelled_atlas, tmp_path / "package")
+
+    labels = model_package.load(tmp_path / "package").labels
+    assert {label["name"]: label.get("threshold") for label in labels if label.get("threshold") is not None} \
+        == thresholds

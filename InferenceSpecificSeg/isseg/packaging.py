@@ -8,7 +8,8 @@ pairs `<case>_image.<ext>` / `<case>_label.<ext>`), each resampled onto the netw
 Labels: atlas labels are mapped to the network's labels by name (or value, or an explicit mapping).
 An atlas label that maps to nothing, or two atlas labels mapping to one network label, is refused;
 network labels the atlas does not contain are reported and kept out of fine-tuning: they join the
-background class (model.json `output_classes`), since the atlas cannot teach them.
+background class (model.json `output_classes`), since the atlas cannot teach them. An isseg package
+given as the network keeps its per-label probability thresholds.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ NNUNET_CITATION = ("Isensee F, Jaeger PF, Kohl SAA, Petersen J, Maier-Hein KH. n
 
 @dataclass
 class SourceNetwork:
-    """A network read for packaging: model.json `network` entry, weights, labels {channel: name}, and
-    what model.json should say about it (name, description, license, citation, input, patch_size)."""
+    """A network read for packaging: model.json `network` entry, weights, labels {channel: name},
+    what model.json should say about it (name, description, license, citation, input, patch_size), and
+    the probability thresholds tuned for some of its labels {channel: threshold} (an isseg package's)."""
 
     network: dict
     weights: dict
     labels: dict[int, str]
     about: dict = field(default_factory=dict)
+    thresholds: dict[int, float] = field(default_factory=dict)
 
 
 def read_network(path: Path, fold: str | None = None, configuration: str | None = None,
@@ -84,11 +87,12 @@ def _read_isseg_package(path: Path) -> SourceNetwork:
     network = dict(package.config["network"])
     groups = network.pop("output_classes", None)
     labels = {label["value"]: label["name"] for label in package.labels}
+    thresholds = {label["value"]: label["threshold"] for label in package.labels if label.get("threshold") is not None}
     if groups is not None:  # the package's classes become the channels; keep the network's grouping
         network["class_channels"] = groups
     about = {key: package.config[key] for key in ("name", "description", "license", "citation", "input", "patch_size")
              if key in package.config}
-    return SourceNetwork(network, weights, labels, about)
+    return SourceNetwork(network, weights, labels, about, thresholds)
 
 
 def read_atlas_folder(folder: Path) -> tuple[list[tuple[str, Path, Path]], dict[int, str] | None]:
@@ -180,12 +184,16 @@ def _check_mapping(mapping, network_labels, atlas_names, atlas_values) -> None:
                             "Give a one-to-one --labels mapping.")
 
 
-def package_labels(network_labels: dict[int, str], mapping: dict[int, int], unmapped: list[int]):
+def package_labels(network_labels: dict[int, str], mapping: dict[int, int], unmapped: list[int],
+                   thresholds: dict[int, float] | None = None):
     """(model.json labels, output_classes, {atlas value: package value}) for a label mapping: package
-    values 1..K follow the network's order; class 0 groups the background and the unmapped labels."""
+    values 1..K follow the network's order; class 0 groups the background and the unmapped labels.
+    A network label's threshold ({network value: probability}) stays with it."""
     mapped = sorted(set(mapping.values()))
     value_of = {network_value: k for k, network_value in enumerate(mapped, start=1)}
-    labels = [dict(describe_label(value_of[v], network_labels[v]), network_value=v) for v in mapped]
+    thresholds = thresholds or {}
+    labels = [dict(describe_label(value_of[v], network_labels[v]), network_value=v,
+                   **({"threshold": thresholds[v]} if v in thresholds else {})) for v in mapped]
     groups = [[0, *unmapped]] + [[v] for v in mapped]
     return labels, groups, {a: value_of[n] for a, n in mapping.items()}
 
@@ -246,7 +254,7 @@ def build_package(source: SourceNetwork, atlas_folder: Path, output: Path, *, ma
     for _, _, label_path in cases:
         atlas_values |= set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))).tolist())
     mapping, unmapped = map_labels(source.labels, atlas_names, atlas_values, mapping_spec)
-    labels, groups, lookup = package_labels(source.labels, mapping, unmapped)
+    labels, groups, lookup = package_labels(source.labels, mapping, unmapped, source.thresholds)
     about = source.about
     config = {
         "name": name or about.get("name", "model"), "version": about.get("version", "1"),
