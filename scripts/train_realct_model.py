@@ -3,6 +3,7 @@
     python scripts/train_realct_model.py [--data-dir ../shared/data] [--output DIR] [--steps 3000] [--device auto]
     python scripts/train_realct_model.py --rethreshold PACKAGE [--data-dir ../shared/data]
     python scripts/train_realct_model.py --reatlas PACKAGE [--data-dir ../shared/data] [--atlas-cases 6]
+                                         [--[no-]atlas-organ-variation] [--[no-]atlas-phantoms]
 
 The model the Slicer user should try on a real CT (Slicer's "CTA abdomen (Panoramix)", "CTLiver"):
 a UNet trained on the anatomy of a real body, the ICRP Publication 110 adult male (a label map drawn
@@ -28,7 +29,10 @@ without training: what a new build of the same recipe would choose.
 The atlas for inference-specific learning is 6 ICRP cases of the upper abdomen (portal venous phase)
 at the model spacing, written into the package, each body with its organs resized and moved within the
 population's ranges (`--atlas-organ-variation`): refinement learns from the atlas aligned to the case, and
-an atlas of one body's organs taught every patient that body's spleen (BENCHMARKS.md section 7). Weights trained on the ICRP data are not shipped (its
+an atlas of one body's organs taught every patient that body's spleen (BENCHMARKS.md section 7). With
+them, the demo model's 8 procedural phantoms on the model grid (`--atlas-phantoms`): the model is trained
+on both kinds of anatomy, and an atlas of ICRP bodies alone left a phantom's ellipsoid organs nothing like
+them to learn from (BENCHMARKS.md section 7). Weights trained on the ICRP data are not shipped (its
 terms allow research use with citation, not clearly redistribution): this script rebuilds them, and
 the built-in phantom demo model stays the default. The package is written to
 <cache>/models/realct-abdomen-<version> ($ISSEG_CACHE or ~/.cache/isseg); select it with
@@ -54,13 +58,14 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import anatomy_variation as av  # noqa: E402  (organs resized and moved)
 import synthetic_ct as sct  # noqa: E402  (the ICRP phantom and CT synthesis of the benchmarks)
-from isseg import model_package, phantom, protocol  # noqa: E402
+from isseg import demo_model, model_package, packaging, phantom, protocol  # noqa: E402
 from isseg.appearance import random_tissue_values  # noqa: E402
 from isseg.events import EventWriter  # noqa: E402
 from isseg.io import write_text_atomic  # noqa: E402
 from isseg.model_training import TrainSettings, rechoose_thresholds, train_package  # noqa: E402
+from isseg.networks import kind_for  # noqa: E402
 
-VERSION = "2.2"
+VERSION = "2.3"
 #: The model's labels; values 1..6 are those of the procedural phantoms (isseg.phantom.ORGAN_NAMES).
 LABELS = {1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right", 5: "aorta", 6: "gallbladder",
           7: "stomach", 8: "pancreas"}
@@ -84,20 +89,20 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 #: the real 20-slice abdominal CT beside the project (and the mean over organs on the 10 shifted phantoms of
 #: benchmarks/evaluate_phantoms.sh), first mask -> after `isseg refine` (defaults). A model
 #: built with other settings gets these figures in its card only as those of that other recipe.
-MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.2 (benchmarks/realct_model.py)",
+MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.3 (benchmarks/realct_model.py)",
                      "code": "trained 2026-12-07 with the engine of fb78efa and this recipe; thresholds chosen with the "
                              "rule of 1467b3e (--rethreshold: what a build at 1467b3e chooses); atlas written by "
-                             "--reatlas of 0bd5e88; real CTs segmented and refined with the engine of 341e2e1 (a CT "
-                             "finer than the model grid smoothed first)",
+                             "--reatlas of the commit that added --atlas-phantoms; real CTs and phantoms segmented "
+                             "and refined with the engine of 341e2e1 (a CT finer than the model grid smoothed first)",
                      "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
                                 "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25,
-                                "organ_variation": True, "atlas_organ_variation": True},
-                     "real_abdominal_ct_dice": {"liver": [0.851, 0.914], "aorta": [0.818, 0.804],
-                                                "stomach": [0.416, 0.358], "spleen": [0.649, 0.779]},
-                     "real_chest_ct_aorta_dice_first_mask": 0.221,
+                                "organ_variation": True, "atlas_organ_variation": True, "atlas_phantoms": True},
+                     "real_abdominal_ct_dice": {"liver": [0.851, 0.905], "aorta": [0.818, 0.813],
+                                                "stomach": [0.416, 0.325], "spleen": [0.649, 0.773]},
+                     "real_chest_ct_aorta_dice": [0.221, 0.155],
                      "synthetic_first_mask_dice": {"icrp_body": 0.873, "icrp_body_40mm_slab": 0.578,
                                                    "icrp_body_organs_varied": 0.845, "shifted_phantoms": 0.685},
-                     "shifted_phantoms_dice_10_cases": [0.690, 0.692]}
+                     "shifted_phantoms_dice_10_cases": [0.690, 0.757]}
 
 
 @dataclass(frozen=True)
@@ -268,6 +273,30 @@ def atlas_cases(data_dir: Path, spacing, count: int, seed: int, organ_variation=
     return cases, records
 
 
+def demo_phantoms_on_model_grid(config: dict) -> tuple[list[tuple[str, sitk.Image, sitk.Image]], dict]:
+    """The built-in demo model's atlas (procedural phantoms, isseg.demo_model) put on the model grid of the
+    package `config` as `isseg package` puts a case there; [(id, image HU, labels)] and their records. Their
+    labels 1..6 are the model's (LABELS)."""
+    demo_config = json.loads((demo_model.SHIPPED / protocol.MODEL_FILE).read_text(encoding="utf-8"))
+    kind = kind_for(config)
+    cases = [packaging.case_on_model_grid(kind, case_id, image, labels)
+             for case_id, image, labels in demo_model.demo_atlas_cases(demo_config)]
+    records = {case_id: {"source": "isseg.phantom.training_spec (the demo model's atlas)", "seed": seed}
+               for (case_id, _, _), seed in zip(cases, demo_config["demo_atlas"]["seeds"])}
+    return cases, records
+
+
+def model_atlas(args, config: dict) -> tuple[list[tuple[str, sitk.Image, sitk.Image]], dict]:
+    """The package's atlas: args.atlas_cases ICRP bodies (atlas_cases) and, with args.atlas_phantoms, the demo
+    model's phantoms; the cases and their records."""
+    cases, records = atlas_cases(args.data_dir, tuple(args.spacing), args.atlas_cases, args.seed,
+                                 atlas_organ_variation(args))
+    if args.atlas_phantoms:
+        phantoms, phantom_records = demo_phantoms_on_model_grid(config)
+        cases, records = cases + phantoms, {**records, **phantom_records}
+    return cases, records
+
+
 def atlas_organ_variation(args):
     """The organ variation of the atlas bodies the options ask for (atlas_cases)."""
     return av.ABDOMEN_ORGAN_VARIATION if args.atlas_organ_variation else None
@@ -278,7 +307,7 @@ def recipe_of(args) -> dict:
     return {"seed": args.seed, "steps": args.steps, "spacing_mm": [float(v) for v in args.spacing],
             "patch": list(args.patch), "icrp_cases": args.icrp_cases, "phantom_cases": args.phantom_cases,
             "short_scans": args.short_scans, "organ_variation": args.organ_variation,
-            "atlas_organ_variation": args.atlas_organ_variation}
+            "atlas_organ_variation": args.atlas_organ_variation, "atlas_phantoms": args.atlas_phantoms}
 
 
 def rebuild_command(args) -> str:
@@ -288,7 +317,8 @@ def rebuild_command(args) -> str:
             f"--patch {' '.join(map(str, args.patch))} --icrp-cases {args.icrp_cases} "
             f"--phantom-cases {args.phantom_cases} --atlas-cases {args.atlas_cases} --short-scans {args.short_scans:g} "
             + ("--organ-variation" if args.organ_variation else "--no-organ-variation")
-            + (" --atlas-organ-variation" if args.atlas_organ_variation else " --no-atlas-organ-variation"))
+            + (" --atlas-organ-variation" if args.atlas_organ_variation else " --no-atlas-organ-variation")
+            + (" --atlas-phantoms" if args.atlas_phantoms else " --no-atlas-phantoms"))
 
 
 def measured_accuracy(args) -> dict:
@@ -301,7 +331,9 @@ def measured_accuracy(args) -> dict:
 def atlas_description(args) -> str:
     return (f"{args.atlas_cases} ICRP upper-abdomen cases, portal venous phase, at the model spacing"
             + (", each body's organs resized and moved within the population's ranges (anatomy_variation."
-               "ABDOMEN_ORGAN_VARIATION)." if args.atlas_organ_variation else "."))
+               "ABDOMEN_ORGAN_VARIATION)" if args.atlas_organ_variation else "")
+            + ("; and the demo model's 8 procedural phantoms (the model's other training anatomy), put on the model "
+               "grid." if args.atlas_phantoms else "."))
 
 
 def model_card(config: dict, args, records: dict, atlas_records: dict, minutes: float) -> dict:
@@ -347,6 +379,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="resize and move each organ of the ICRP training bodies (anatomy_variation.py)")
     parser.add_argument("--atlas-organ-variation", action=argparse.BooleanOptionalAction, default=True,
                         help="resize and move each organ of the atlas bodies within the population's ranges")
+    parser.add_argument("--atlas-phantoms", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the demo model's procedural phantoms to the atlas (the other anatomy trained on)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rethreshold", type=Path, default=None, metavar="PACKAGE",
@@ -371,8 +405,7 @@ def build(args, work: Path, started: float) -> Path:
                               "on a real CT only: not for clinical use.")
     config = json.loads((package / protocol.MODEL_FILE).read_text(encoding="utf-8"))
     shutil.rmtree(package / "atlas")
-    atlas, atlas_records = atlas_cases(args.data_dir, tuple(args.spacing), args.atlas_cases, args.seed,
-                                       atlas_organ_variation(args))
+    atlas, atlas_records = model_atlas(args, config)
     model_package.write_atlas(package / "atlas", atlas)
     config.update(version=VERSION, license=LICENSE, citation=CITATION,
                   model_card=model_card(config, args, records, atlas_records, (time.monotonic() - started) / 60))
@@ -408,8 +441,9 @@ def reatlas(package_dir: Path, args) -> list[str]:
     """Write the atlas of a built package again with the atlas options of `args` (seed and spacing of the
     build), swap it in and update the model card and version; the weights stay. Returns the case ids."""
     built = settings_of_build(package_dir, args)
-    cases, records = atlas_cases(args.data_dir, tuple(built.spacing), built.atlas_cases, built.seed,
-                                 atlas_organ_variation(built))
+    config_path = package_dir / protocol.MODEL_FILE
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    cases, records = model_atlas(built, config)
     fresh, old = package_dir / "atlas.new", package_dir / "atlas.old"
     for leftover in (fresh, old):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -418,8 +452,6 @@ def reatlas(package_dir: Path, args) -> list[str]:
     (package_dir / "atlas").rename(old)
     fresh.rename(package_dir / "atlas")
     shutil.rmtree(old)
-    config_path = package_dir / protocol.MODEL_FILE
-    config = json.loads(config_path.read_text(encoding="utf-8"))
     card = config["model_card"]
     card.update(atlas=atlas_description(built), atlas_cases=records, measured_accuracy=measured_accuracy(built))
     card["recipe"].update(recipe_of(built), atlas_cases=built.atlas_cases, rebuild_command=rebuild_command(built))

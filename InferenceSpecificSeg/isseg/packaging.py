@@ -213,8 +213,14 @@ def atlas_case(kind: NetworkKind, case_id: str, image_path: Path, label_path: Pa
         table[atlas_value] = package_value
     relabelled = sitk.GetImageFromArray(table[values])
     relabelled.CopyInformation(image)
+    return case_on_model_grid(kind, case_id, image, relabelled)
+
+
+def case_on_model_grid(kind: NetworkKind, case_id: str, image: sitk.Image, labels: sitk.Image):
+    """(case id, image HU, labelmap) of a labelled CT (labels in the package's values, on the image's grid)
+    put on the network's model grid: the image as the network prepares a CT, the labels per label."""
     prepared = kind.prepare(image)
-    return case_id, kind.atlas_image(image, prepared), resample_labels_onto(relabelled, prepared.model_image)
+    return case_id, kind.atlas_image(image, prepared), resample_labels_onto(labels, prepared.model_image)
 
 
 def _network_entry(source: SourceNetwork, groups: list[list[int]]) -> dict:
