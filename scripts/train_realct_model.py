@@ -92,7 +92,7 @@ CITATION = ("ICRP, 2009. Adult Reference Computational Phantoms. ICRP Publicatio
 MEASURED_ACCURACY = {"source": "BENCHMARKS.md section 7, model 2.3 (benchmarks/realct_model.py)",
                      "code": "trained 2026-12-07 with the engine of fb78efa and this recipe; thresholds chosen with the "
                              "rule of 1467b3e (--rethreshold: what a build at 1467b3e chooses); atlas written by "
-                             "--reatlas of the commit that added --atlas-phantoms; real CTs and phantoms segmented "
+                             "--reatlas of d96d894 (--atlas-phantoms); real CTs and phantoms segmented "
                              "and refined with the engine of 341e2e1 (a CT finer than the model grid smoothed first)",
                      "recipe": {"seed": 0, "steps": 3000, "spacing_mm": [3.0, 3.0, 3.0], "patch": [80, 80, 40],
                                 "icrp_cases": 30, "phantom_cases": 8, "short_scans": 0.25,
