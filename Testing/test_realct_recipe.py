@@ -147,6 +147,9 @@ def test_reatlas_writes_the_atlas_again_and_keeps_the_weights(data_dir, tmp_path
     rebuilt = recipe.parse_args(card["recipe"]["rebuild_command"].split()[3:])
     assert rebuilt.atlas_organ_variation and rebuilt.atlas_phantoms and rebuilt.atlas_cases == 2 and rebuilt.steps == 2
     assert_demo_atlas_on_the_model_grid(package, spacing_mm=8.0)
+    with pytest.raises(SystemExit, match="atlas would be empty"):
+        recipe.main(["--reatlas", str(output), "--data-dir", str(data_dir), "--atlas-cases", "0", "--no-atlas-phantoms"])
+    assert model_package.load(output).config == package.config and len(model_package.load(output).atlas_cases) == 10
 
 
 def assert_demo_atlas_on_the_model_grid(package, spacing_mm: float) -> None:

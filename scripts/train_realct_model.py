@@ -462,6 +462,9 @@ def reatlas(package_dir: Path, args) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.atlas_cases < 1 and not args.atlas_phantoms:  # checked before hours of training, not after
+        raise SystemExit("The atlas would be empty (--atlas-cases 0 and --no-atlas-phantoms): refinement learns from "
+                         "the atlas. Give --atlas-cases 1 or more, or --atlas-phantoms. Nothing was changed.")
     if args.reatlas:
         print(f"Atlas of {args.reatlas} written again: {', '.join(reatlas(args.reatlas, args))}.")
         return
