@@ -30,7 +30,7 @@ def test_phantom_writes_the_demo_case_with_the_demo_models_labels(tmp_path):
     assert ct.GetOrigin() == truth.GetOrigin() == expected.image.GetOrigin()
 
     segments = json.loads((output / "segments.json").read_text(encoding="utf-8"))["segments"]
-    demoLabels = json.loads((demo_model.SHIPPED / "model.json").read_text(encoding="utf-8"))["labels"]
+    demoLabels = demo_model.shipped_config()["labels"]
     assert [(s["value"], s["name"], s["color"]) for s in segments] == [(l["value"], l["name"], l["color"]) for l in demoLabels]
     assert set(np.unique(sitk.GetArrayFromImage(truth))) == {0} | {s["value"] for s in segments}
 

@@ -18,8 +18,6 @@ from isseg import model_package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_realct_model as recipe  # noqa: E402
 
-DEMO_ATLAS_SEEDS = [1000, 1001, 1002, 1003, 1005, 1007, 1008, 1009]  # isseg/demo_model/model.json
-
 #: Coarse, small cases (no phantom: its 48 x 48 x 32 voxels would make the validation the slowest part) and a
 #: patch that covers a whole case; the atlas phantoms are added by the reatlas test only.
 SMALL = ["--spacing", "8", "8", "8", "--patch", "16", "16", "24", "--icrp-cases", "3", "--phantom-cases", "0",
@@ -137,11 +135,12 @@ def test_reatlas_writes_the_atlas_again_and_keeps_the_weights(data_dir, tmp_path
     package = model_package.load(output)
     card = package.config["model_card"]
     assert (output / "model.safetensors").read_bytes() == weights
-    phantom_ids = [f"phantom_{seed:03d}" for seed in DEMO_ATLAS_SEEDS]
+    demo_seeds = recipe.demo_model.shipped_config()["demo_atlas"]["seeds"]
+    phantom_ids = [f"phantom_{seed:03d}" for seed in demo_seeds]
     assert [case.case_id for case in package.atlas_cases] == ["icrp_atlas_00", "icrp_atlas_01", *phantom_ids]
     assert card["recipe"]["atlas_organ_variation"] is True and card["recipe"]["atlas_cases"] == 2
     assert card["recipe"]["atlas_phantoms"] is True and "phantoms" in card["atlas"]
-    assert [card["atlas_cases"][case_id]["seed"] for case_id in phantom_ids] == DEMO_ATLAS_SEEDS
+    assert [card["atlas_cases"][case_id]["seed"] for case_id in phantom_ids] == demo_seeds
     assert "organ_volume_factors" in card["atlas_cases"]["icrp_atlas_01"] and "population" in card["atlas"]
     assert package.config["version"] == recipe.VERSION and not (output / "atlas.new").exists()
     rebuilt = recipe.parse_args(card["recipe"]["rebuild_command"].split()[3:])
@@ -155,8 +154,7 @@ def test_reatlas_writes_the_atlas_again_and_keeps_the_weights(data_dir, tmp_path
 def assert_demo_atlas_on_the_model_grid(package, spacing_mm: float) -> None:
     """The atlas phantoms are the demo model's (4 mm) on the package's grid, each organ's volume kept."""
     cases = {case.case_id: case for case in package.atlas_cases}
-    demo = json.loads((recipe.demo_model.SHIPPED / "model.json").read_text(encoding="utf-8"))
-    for case_id, _, labels in recipe.demo_model.demo_atlas_cases(demo)[:2]:
+    for case_id, _, labels in recipe.demo_model.demo_atlas_cases(recipe.demo_model.shipped_config())[:2]:
         written = sitk.ReadImage(str(cases[case_id].label_path))
         assert written.GetSpacing() == (spacing_mm,) * 3
         ours, theirs = sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(labels)

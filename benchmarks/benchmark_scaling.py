@@ -271,13 +271,13 @@ def write_whole_case(shape, atlas: int, labels: int, folder: Path) -> tuple[Path
     """The case (case.nrrd) and a package (package/) with `labels` organs and `atlas` atlas cases."""
     import SimpleITK as sitk
     from isseg import model_package
-    from isseg.demo_model import SHIPPED
+    from isseg.demo_model import shipped_config
     from isseg.networks.monai_net import build_monai_network
 
     rng = np.random.default_rng(0)
     case_path = folder / "case.nrrd"
     sitk.WriteImage(_as_ct(synthetic_image(synthetic_labels(shape, labels, rng), rng)), str(case_path))
-    config = json.loads((SHIPPED / "model.json").read_text(encoding="utf-8"))
+    config = shipped_config()
     config["network"]["args"]["out_channels"] = labels + 1
     config["input"].update(spacing=[SPACING_MM] * 3, intensity={"a_min": HU_WINDOW[0], "a_max": HU_WINDOW[1]})
     config["labels"] = [{"value": value, "name": f"organ {value}", "color": [0.5, 0.5, 0.5]}

@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the run (default %(default)s)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the PNG to write")
     args = parser.parse_args()
-    labels = json.loads((demo_model.SHIPPED / "model.json").read_text(encoding="utf-8"))["labels"]
+    labels = demo_model.shipped_config()["labels"]
     with tempfile.TemporaryDirectory(prefix="isseg-screenshot-") as folder:
         ct_path, mask_path, step = refine_phantom(Path(folder), args.steps)
         draw(ct_path, mask_path, step, labels, args.output)

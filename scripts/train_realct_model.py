@@ -277,7 +277,7 @@ def demo_phantoms_on_model_grid(config: dict) -> tuple[list[tuple[str, sitk.Imag
     """The built-in demo model's atlas (procedural phantoms, isseg.demo_model) put on the model grid of the
     package `config` as `isseg package` puts a case there; [(id, image HU, labels)] and their records. Their
     labels 1..6 are the model's (LABELS)."""
-    demo_config = json.loads((demo_model.SHIPPED / protocol.MODEL_FILE).read_text(encoding="utf-8"))
+    demo_config = demo_model.shipped_config()
     kind = kind_for(config)
     cases = [packaging.case_on_model_grid(kind, case_id, image, labels)
              for case_id, image, labels in demo_model.demo_atlas_cases(demo_config)]
@@ -332,7 +332,7 @@ def atlas_description(args) -> str:
     return (f"{args.atlas_cases} ICRP upper-abdomen cases, portal venous phase, at the model spacing"
             + (", each body's organs resized and moved within the population's ranges (anatomy_variation."
                "ABDOMEN_ORGAN_VARIATION)" if args.atlas_organ_variation else "")
-            + ("; and the demo model's 8 procedural phantoms (the model's other training anatomy), put on the model "
+            + ("; and the demo model's atlas phantoms (the model's other training anatomy), put on the model "
                "grid." if args.atlas_phantoms else "."))
 
 

@@ -18,6 +18,11 @@ from .protocol import ATLAS_MANIFEST, MODEL_FILE, WEIGHTS_FILE
 SHIPPED = Path(__file__).parent / "demo_model"
 
 
+def shipped_config() -> dict:
+    """The demo model's model.json as shipped (labels, network, `demo_atlas` seeds)."""
+    return json.loads((SHIPPED / MODEL_FILE).read_text(encoding="utf-8"))
+
+
 def demo_atlas_cases(config: dict) -> list[tuple]:
     """(case id, image, labels) of the demo atlas, regenerated from the seeds recorded in model.json."""
     cases = []
@@ -29,7 +34,7 @@ def demo_atlas_cases(config: dict) -> list[tuple]:
 
 def demo_package_path() -> Path:
     """Folder of the complete demo package in the cache, created on first use."""
-    config = json.loads((SHIPPED / MODEL_FILE).read_text(encoding="utf-8"))
+    config = shipped_config()
     target = model_package.cache_dir() / f"demo-model-{config['version']}-{model_package.sha256(SHIPPED / WEIGHTS_FILE)[:12]}"
     if (target / ATLAS_MANIFEST).is_file():
         return target

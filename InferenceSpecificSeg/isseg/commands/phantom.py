@@ -15,7 +15,7 @@ from .. import demo_model, phantom, validation
 from ..errors import DiskError
 from ..io import write_text_atomic
 from ..pipeline import segments_record
-from ..protocol import EVENT_DONE, EVENT_STAGE, EXIT_DONE, MODEL_FILE, SEGMENTS_FILE
+from ..protocol import EVENT_DONE, EVENT_STAGE, EXIT_DONE, SEGMENTS_FILE
 from .options import add_progress_option, events_for
 
 
@@ -37,7 +37,7 @@ def run(args) -> int:
     except OSError as error:
         raise DiskError(f"Cannot create the output folder '{output}' ({error.strerror}). Choose another --output.") from None
     ct_path, truth_path = phantom.write_case(phantom.generate(phantom.shifted_spec(args.seed)), output)
-    labels = json.loads((demo_model.SHIPPED / MODEL_FILE).read_text(encoding="utf-8"))["labels"]
+    labels = demo_model.shipped_config()["labels"]
     segments_path = write_text_atomic(json.dumps(segments_record(labels), indent=1), output / SEGMENTS_FILE)
     events.emit(EVENT_DONE, ct=str(ct_path), truth=str(truth_path), segments=str(segments_path))
     return EXIT_DONE
